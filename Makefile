@@ -1,0 +1,46 @@
+# llmlimit: build, run and test the nginx module against Debian's nginx.
+
+SHELL      := /bin/bash
+BUILD      ?= $(CURDIR)/build
+NGX_SRC    ?= /usr/share/nginx/src
+MODULE      = $(BUILD)/ngx_http_llmlimit_module.so
+SOURCES     = config ngx_http_llmlimit_module.c $(wildcard src/*.c src/*.h)
+DEB_PKGS    = nginx nginx-dev libhiredis-dev libjansson-dev libpcre2-dev \
+              libssl-dev zlib1g-dev redis-server wrk perl gcc make
+
+.PHONY: all build deps run test test-valgrind bench clean
+
+all: build
+
+build: $(MODULE)
+
+# Installs what is missing from Debian's packages (idempotent).
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
+	        | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	    $$SUDO apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+	        --no-install-recommends $$missing; \
+	fi
+
+$(BUILD)/nginx/Makefile: $(NGX_SRC)/conf_flags config
+	rm -rf $(BUILD)/nginx
+	mkdir -p $(BUILD)
+	cp -r $(NGX_SRC) $(BUILD)/nginx
+	cd $(BUILD)/nginx && . ./conf_flags && \
+	    ./configure "$${NGX_CONF_FLAGS[@]}" \
+	        --with-cc-opt="-g -O2 -Wall -Wextra -Werror -fPIC $(CC_OPT)" \
+	        --with-ld-opt="-fPIC $(LD_OPT)" \
+	        --add-dynamic-module=$(CURDIR) > $(BUILD)/configure.log
+
+$(MODULE): $(BUILD)/nginx/Makefile $(SOURCES)
+	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
+	cp $(BUILD)/nginx/objs/ngx_http_llmlimit_module.so $@
+
+clean:
+	rm -rf $(BUILD)

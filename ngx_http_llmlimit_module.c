@@ -1,0 +1,1551 @@
+
+/*
+ * Copyright (C) llmlimit developers
+ */
+
+
+#include "ngx_http_llmlimit.h"
+
+
+typedef struct {
+    ngx_array_t                     zones;     /* ngx_http_llmlimit_zone_t * */
+    ngx_array_t                     tables;    /* ngx_http_llmlimit_table_t * */
+} ngx_http_llmlimit_main_conf_t;
+
+
+/* where a zone or a table was first named, for "unknown ..." errors */
+typedef struct {
+    ngx_str_t                       file;
+    ngx_uint_t                      line;
+} ngx_http_llmlimit_ref_t;
+
+
+typedef struct {
+    ngx_http_llmlimit_zone_t        zone;
+    ngx_http_llmlimit_ref_t         ref;
+    ngx_uint_t                      defined;
+} ngx_http_llmlimit_zone_decl_t;
+
+
+typedef struct {
+    ngx_http_llmlimit_table_t       table;
+    ngx_http_llmlimit_ref_t         ref;
+    ngx_uint_t                      defined;
+} ngx_http_llmlimit_table_decl_t;
+
+
+static ngx_int_t ngx_http_llmlimit_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_llmlimit_classify(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+static ngx_int_t ngx_http_llmlimit_run(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+static ngx_int_t ngx_http_llmlimit_decide(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+static void ngx_http_llmlimit_done(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+static ngx_http_llmlimit_ctx_t *ngx_http_llmlimit_get_ctx(
+    ngx_http_request_t *r);
+static void ngx_http_llmlimit_cleanup(void *data);
+static ngx_int_t ngx_http_llmlimit_header_filter(ngx_http_request_t *r);
+
+static ngx_int_t ngx_http_llmlimit_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+
+static void *ngx_http_llmlimit_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_llmlimit_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_llmlimit_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static ngx_http_llmlimit_zone_decl_t *ngx_http_llmlimit_get_zone(
+    ngx_conf_t *cf, ngx_str_t *name);
+static ngx_http_llmlimit_table_decl_t *ngx_http_llmlimit_get_table(
+    ngx_conf_t *cf, ngx_str_t *name);
+static char *ngx_http_llmlimit_zone(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_llmlimit_rules(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_llmlimit_rules_line(ngx_conf_t *cf, ngx_command_t *dummy,
+    void *conf);
+static char *ngx_http_llmlimit_prepare_rule(ngx_conf_t *cf,
+    ngx_http_llmlimit_rule_t *rule);
+static char *ngx_http_llmlimit(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_llmlimit_add_variables(ngx_conf_t *cf);
+static ngx_int_t ngx_http_llmlimit_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_llmlimit_init_process(ngx_cycle_t *cycle);
+static void ngx_http_llmlimit_exit_process(ngx_cycle_t *cycle);
+
+
+static ngx_conf_enum_t  ngx_http_llmlimit_log_levels[] = {
+    { ngx_string("info"), NGX_LOG_INFO },
+    { ngx_string("notice"), NGX_LOG_NOTICE },
+    { ngx_string("warn"), NGX_LOG_WARN },
+    { ngx_string("error"), NGX_LOG_ERR },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_llmlimit_status_bounds = {
+    ngx_conf_check_num_bounds, 400, 599
+};
+
+
+static ngx_command_t  ngx_http_llmlimit_commands[] = {
+
+    { ngx_string("llmlimit_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_llmlimit_zone,
+      0,
+      0,
+      NULL },
+
+    { ngx_string("llmlimit_rules"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_BLOCK|NGX_CONF_2MORE,
+      ngx_http_llmlimit_rules,
+      0,
+      0,
+      NULL },
+
+    { ngx_string("llmlimit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_llmlimit,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("llmlimit_status"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llmlimit_loc_conf_t, status_code),
+      &ngx_http_llmlimit_status_bounds },
+
+    { ngx_string("llmlimit_dry_run"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llmlimit_loc_conf_t, dry_run),
+      NULL },
+
+    { ngx_string("llmlimit_log_level"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llmlimit_loc_conf_t, log_level),
+      &ngx_http_llmlimit_log_levels },
+
+    { ngx_string("llmlimit_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE123,
+      ngx_http_llmlimit_headers,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_llmlimit_module_ctx = {
+    ngx_http_llmlimit_add_variables,       /* preconfiguration */
+    ngx_http_llmlimit_init,                /* postconfiguration */
+
+    ngx_http_llmlimit_create_main_conf,    /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_llmlimit_create_loc_conf,     /* create location configuration */
+    ngx_http_llmlimit_merge_loc_conf       /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_llmlimit_module = {
+    NGX_MODULE_V1,
+    &ngx_http_llmlimit_module_ctx,         /* module context */
+    ngx_http_llmlimit_commands,            /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_llmlimit_init_process,        /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_llmlimit_exit_process,        /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+#define NGX_HTTP_LLMLIMIT_VAR_STATUS      0
+#define NGX_HTTP_LLMLIMIT_VAR_CATEGORY    1
+#define NGX_HTTP_LLMLIMIT_VAR_LIMIT       2
+#define NGX_HTTP_LLMLIMIT_VAR_REMAINING   3
+#define NGX_HTTP_LLMLIMIT_VAR_RESET       4
+#define NGX_HTTP_LLMLIMIT_VAR_PLAN        5
+
+
+static ngx_http_variable_t  ngx_http_llmlimit_vars[] = {
+
+    { ngx_string("llmlimit_status"), NULL, ngx_http_llmlimit_variable,
+      NGX_HTTP_LLMLIMIT_VAR_STATUS, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llmlimit_category"), NULL, ngx_http_llmlimit_variable,
+      NGX_HTTP_LLMLIMIT_VAR_CATEGORY, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llmlimit_limit"), NULL, ngx_http_llmlimit_variable,
+      NGX_HTTP_LLMLIMIT_VAR_LIMIT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llmlimit_remaining"), NULL, ngx_http_llmlimit_variable,
+      NGX_HTTP_LLMLIMIT_VAR_REMAINING, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llmlimit_reset"), NULL, ngx_http_llmlimit_variable,
+      NGX_HTTP_LLMLIMIT_VAR_RESET, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llmlimit_plan"), NULL, ngx_http_llmlimit_variable,
+      NGX_HTTP_LLMLIMIT_VAR_PLAN, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
+static ngx_str_t  ngx_http_llmlimit_status_names[] = {
+    ngx_null_string,
+    ngx_string("PASSED"),
+    ngx_string("REJECTED"),
+    ngx_string("REJECTED_DRY_RUN"),
+    ngx_string("BYPASSED"),
+    ngx_string("ERROR")
+};
+
+
+static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+
+
+static ngx_int_t
+ngx_http_llmlimit_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                      rc;
+    ngx_pool_cleanup_t            *cln;
+    ngx_http_llmlimit_ctx_t       *ctx;
+    ngx_http_llmlimit_loc_conf_t  *llcf;
+
+    if (r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_llmlimit_get_ctx(r);
+
+    if (ctx != NULL) {
+
+        if (ctx->decided) {
+            /* an internal redirect: the request was counted once */
+            return NGX_DECLINED;
+        }
+
+        if (ctx->waiting) {
+            return NGX_AGAIN;
+        }
+    }
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_llmlimit_module);
+
+    if (ctx == NULL) {
+
+        if (llcf->tables == NULL) {
+            return NGX_DECLINED;
+        }
+
+        cln = ngx_pool_cleanup_add(r->pool, 0);
+        if (cln == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_llmlimit_ctx_t));
+        if (ctx == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        cln->handler = ngx_http_llmlimit_cleanup;
+        cln->data = ctx;
+
+        ngx_http_set_ctx(r, ctx, ngx_http_llmlimit_module);
+
+        rc = ngx_http_llmlimit_classify(r, llcf, ctx);
+
+        if (rc != NGX_OK) {
+            ctx->decided = 1;
+            ctx->status = NGX_HTTP_LLMLIMIT_ERROR;
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
+
+    rc = ngx_http_llmlimit_run(r, llcf, ctx);
+
+    if (rc == NGX_AGAIN) {
+        return NGX_AGAIN;
+    }
+
+    ctx->decided = 1;
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    return ngx_http_llmlimit_decide(r, llcf, ctx);
+}
+
+
+/*
+ * Walks every table that applies here, and turns the first matching rule
+ * of each into counters, grouped by zone into batches.
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_classify(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
+{
+    ngx_md5_t                     md5;
+    ngx_str_t                     identity, plan;
+    ngx_int_t                     rc;
+    ngx_uint_t                    i, j, n, matched;
+    ngx_http_llmlimit_rule_t     *rule;
+    ngx_http_llmlimit_zone_t     *zone;
+    ngx_http_llmlimit_batch_t    *b;
+    ngx_http_llmlimit_table_t   **tables, *table;
+    ngx_http_llmlimit_limits_t   *limits;
+    ngx_http_llmlimit_counter_t  *c, *counters;
+
+    tables = llcf->tables->elts;
+    n = 0;
+    matched = 0;
+    counters = NULL;
+
+    for (i = 0; i < llcf->tables->nelts; i++) {
+        table = tables[i];
+
+        rc = ngx_http_llmlimit_rules_match(r, table, &rule, &identity);
+
+        if (rc == NGX_DECLINED) {
+            continue;
+        }
+
+        if (rc != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        ngx_str_null(&plan);
+
+        if (table->plan) {
+            if (ngx_http_complex_value(r, table->plan, &plan) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+            if (ctx->plan.len == 0) {
+                ctx->plan = plan;
+            }
+        }
+
+        if (!matched) {
+            ctx->category = &rule->category;
+            matched = 1;
+        }
+
+        limits = ngx_http_llmlimit_rule_limits(rule, &plan);
+
+        if (limits->nlimits == 0) {
+            /* "unlimited": passes uncounted */
+            continue;
+        }
+
+        if (counters == NULL) {
+            counters = ngx_palloc(r->pool, NGX_HTTP_LLMLIMIT_MAX_COUNTERS
+                                        * sizeof(ngx_http_llmlimit_counter_t));
+            if (counters == NULL) {
+                return NGX_ERROR;
+            }
+        }
+
+        md5 = rule->budget;
+        ngx_md5_update(&md5, identity.data, identity.len);
+
+        for (j = 0; j < limits->nlimits; j++) {
+
+            if (n == NGX_HTTP_LLMLIMIT_MAX_COUNTERS) {
+                ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                              "llmlimit: more than %d counters for one "
+                              "request, the rest is ignored",
+                              NGX_HTTP_LLMLIMIT_MAX_COUNTERS);
+                break;
+            }
+
+            c = &counters[n++];
+            ngx_memzero(c, sizeof(ngx_http_llmlimit_counter_t));
+
+            if (j == 0) {
+                ngx_md5_final(c->hash, &md5);
+
+            } else {
+                ngx_memcpy(c->hash, counters[n - 1 - j].hash, 16);
+            }
+
+            c->period = limits->limits[j].period;
+            c->count = limits->limits[j].count;
+            c->limit = &limits->limits[j];
+            c->algorithm = table->algorithm;
+            c->table = table;
+            c->rule = rule;
+        }
+    }
+
+    ctx->counters = counters;
+    ctx->ncounters = n;
+
+    if (!matched) {
+        ctx->status = NGX_HTTP_LLMLIMIT_BYPASSED;
+        return NGX_OK;
+    }
+
+    ctx->status = NGX_HTTP_LLMLIMIT_PASSED;
+
+    if (n == 0) {
+        return NGX_OK;
+    }
+
+    /* one batch per zone, in the order the zones appear */
+
+    ctx->batches = ngx_palloc(r->pool, n * sizeof(ngx_http_llmlimit_batch_t));
+    if (ctx->batches == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < n; i++) {
+        zone = counters[i].table->zone;
+
+        for (j = 0; j < ctx->nbatches; j++) {
+            if (ctx->batches[j].zone == zone) {
+                break;
+            }
+        }
+
+        if (j < ctx->nbatches) {
+            continue;
+        }
+
+        b = &ctx->batches[ctx->nbatches++];
+        ngx_memzero(b, sizeof(ngx_http_llmlimit_batch_t));
+        b->zone = zone;
+        b->rc = NGX_DECLINED;
+        b->done = ngx_http_llmlimit_done;
+    }
+
+    if (ctx->nbatches > 1) {
+        /* regroup the counters so that each batch holds a run of them */
+
+        c = ngx_palloc(r->pool, n * sizeof(ngx_http_llmlimit_counter_t));
+        if (c == NULL) {
+            return NGX_ERROR;
+        }
+
+        ctx->counters = c;
+    }
+
+    for (j = 0; j < ctx->nbatches; j++) {
+        b = &ctx->batches[j];
+        b->counters = c;
+
+        for (i = 0; i < n; i++) {
+            if (counters[i].table->zone == b->zone) {
+                if (c != &counters[i]) {
+                    *c = counters[i];
+                }
+
+                c++;
+                b->n++;
+            }
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/* checks the batches one by one; NGX_AGAIN while a store is answering */
+
+static ngx_int_t
+ngx_http_llmlimit_run(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
+{
+    ngx_int_t                   rc;
+    ngx_http_llmlimit_zone_t   *zone;
+    ngx_http_llmlimit_batch_t  *b;
+
+    while (ctx->batch < ctx->nbatches) {
+        b = &ctx->batches[ctx->batch];
+        zone = b->zone;
+
+        if (b->rc == NGX_AGAIN) {
+            /* a store has answered: see ngx_http_llmlimit_done() */
+            return NGX_AGAIN;
+        }
+
+        if (b->rc == NGX_DECLINED) {
+
+            if (zone->redis) {
+                b->rc = NGX_AGAIN;
+                rc = ngx_http_llmlimit_redis_store.check(r, b);
+
+                if (rc == NGX_AGAIN) {
+                    ctx->waiting = 1;
+                    return NGX_AGAIN;
+                }
+
+            } else {
+                rc = ngx_http_llmlimit_shm_store.check(r, b);
+            }
+
+            b->rc = rc;
+        }
+
+        if (b->rc == NGX_ERROR) {
+
+            switch (zone->failure) {
+
+            case NGX_HTTP_LLMLIMIT_FAIL_OPEN:
+                ctx->status = NGX_HTTP_LLMLIMIT_ERROR;
+                b->n = 0;
+                break;
+
+            case NGX_HTTP_LLMLIMIT_FAIL_CLOSED:
+                ctx->status = NGX_HTTP_LLMLIMIT_ERROR;
+                b->n = 0;
+                return NGX_HTTP_SERVICE_UNAVAILABLE;
+
+            default: /* NGX_HTTP_LLMLIMIT_FAIL_LOCAL */
+                b->rc = ngx_http_llmlimit_shm_store.check(r, b);
+                break;
+            }
+        }
+
+        if (b->rc == NGX_BUSY) {
+            /* the batches after it are not counted */
+            ctx->nbatches = ctx->batch + 1;
+            break;
+        }
+
+        ctx->batch++;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_llmlimit_done(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b)
+{
+    ngx_connection_t         *c;
+    ngx_http_llmlimit_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_llmlimit_module);
+    if (ctx == NULL) {
+        return;
+    }
+
+    if (b->rc == NGX_AGAIN) {
+        b->rc = NGX_ERROR;
+    }
+
+    ctx->waiting = 0;
+
+    c = r->connection;
+
+    ngx_http_core_run_phases(r);
+    ngx_http_run_posted_requests(c);
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_decide(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
+{
+    u_char                       *fp;
+    ngx_int_t                     rc;
+    ngx_uint_t                    i, j, rejected;
+    ngx_http_llmlimit_batch_t    *b;
+    ngx_http_llmlimit_counter_t  *c, *report;
+    u_char                        fingerprint[8];
+
+    report = NULL;
+    rejected = 0;
+
+    for (i = 0; i < ctx->nbatches; i++) {
+        b = &ctx->batches[i];
+
+        for (j = 0; j < b->n; j++) {
+            c = &b->counters[j];
+
+            if (b->rc == NGX_BUSY) {
+                if (!c->rejected) {
+                    continue;
+                }
+
+                rejected = 1;
+
+                /* all must pass: the longest wait is the one to report */
+
+                if (report == NULL || c->retry > report->retry) {
+                    report = c;
+                }
+
+                continue;
+            }
+
+            if (report == NULL
+                || c->remaining < report->remaining
+                || (c->remaining == report->remaining
+                    && c->reset > report->reset))
+            {
+                report = c;
+            }
+        }
+    }
+
+    ctx->report = report;
+
+    if (report) {
+        ctx->category = &report->rule->category;
+    }
+
+    if (!rejected) {
+        return NGX_DECLINED;
+    }
+
+    ctx->retry = report->retry;
+
+    ngx_hex_dump(fingerprint, report->hash, 4);
+
+    fp = fingerprint;
+
+    ngx_log_error(llcf->log_level, r->connection->log, 0,
+                  "llmlimit: %slimiting request, table \"%V\", category "
+                  "\"%V\", key %*s, limit %ui/%Mms, retry after %Mms",
+                  llcf->dry_run ? "dry run, " : "", &report->table->name,
+                  &report->rule->category, (size_t) 8, fp,
+                  report->count, report->period, report->retry);
+
+    if (llcf->dry_run) {
+        ctx->status = NGX_HTTP_LLMLIMIT_REJECTED_DRY;
+        return NGX_DECLINED;
+    }
+
+    ctx->status = NGX_HTTP_LLMLIMIT_REJECTED;
+
+    rc = ngx_http_llmlimit_reject(r, llcf, ctx);
+
+    if (rc == (ngx_int_t) llcf->status_code) {
+        /* an error_page answers */
+        return rc;
+    }
+
+    ngx_http_finalize_request(r, rc);
+
+    return NGX_DONE;
+}
+
+
+/*
+ * The context survives an internal redirect, which wipes module contexts,
+ * in a pool cleanup: ngx_http_realip_module does the same.
+ */
+
+static ngx_http_llmlimit_ctx_t *
+ngx_http_llmlimit_get_ctx(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t       *cln;
+    ngx_http_llmlimit_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_llmlimit_module);
+
+    if (ctx || !(r->internal || r->filter_finalize)) {
+        return ctx;
+    }
+
+    for (cln = r->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_llmlimit_cleanup) {
+            ctx = cln->data;
+            ngx_http_set_ctx(r, ctx, ngx_http_llmlimit_module);
+            return ctx;
+        }
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_llmlimit_cleanup(void *data)
+{
+    /* only a marker to find the context again */
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_header_filter(ngx_http_request_t *r)
+{
+    ngx_http_llmlimit_ctx_t       *ctx;
+    ngx_http_llmlimit_loc_conf_t  *llcf;
+
+    if (r != r->main) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx = ngx_http_llmlimit_get_ctx(r);
+
+    if (ctx == NULL || !ctx->decided
+        || (ctx->report == NULL
+            && ctx->status != NGX_HTTP_LLMLIMIT_REJECTED))
+    {
+        return ngx_http_next_header_filter(r);
+    }
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_llmlimit_module);
+
+    if (ngx_http_llmlimit_add_headers(r, llcf, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_next_header_filter(r);
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                       *p;
+    ngx_str_t                    *s;
+    ngx_http_llmlimit_ctx_t      *ctx;
+    ngx_http_llmlimit_counter_t  *c;
+
+    ctx = ngx_http_llmlimit_get_ctx(r->main);
+
+    if (ctx == NULL || ctx->status == NGX_HTTP_LLMLIMIT_UNSET) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    c = ctx->report;
+    s = NULL;
+
+    switch (data) {
+
+    case NGX_HTTP_LLMLIMIT_VAR_STATUS:
+        s = &ngx_http_llmlimit_status_names[ctx->status];
+        break;
+
+    case NGX_HTTP_LLMLIMIT_VAR_CATEGORY:
+        s = ctx->category;
+        break;
+
+    case NGX_HTTP_LLMLIMIT_VAR_PLAN:
+        s = &ctx->plan;
+        break;
+
+    default:
+        break;
+    }
+
+    if (s == NULL && data <= NGX_HTTP_LLMLIMIT_VAR_CATEGORY) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    if (s == NULL) {
+        if (c == NULL) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        switch (data) {
+
+        case NGX_HTTP_LLMLIMIT_VAR_LIMIT:
+            v->len = ngx_sprintf(p, "%ui", c->count) - p;
+            break;
+
+        case NGX_HTTP_LLMLIMIT_VAR_REMAINING:
+            v->len = ngx_sprintf(p, "%ui", c->remaining) - p;
+            break;
+
+        default: /* NGX_HTTP_LLMLIMIT_VAR_RESET */
+            v->len = ngx_sprintf(p, "%M",
+                                 (ngx_msec_t) ((c->rejected ? c->retry
+                                                            : c->reset)
+                                               + 999) / 1000)
+                     - p;
+            break;
+        }
+
+        v->data = p;
+
+    } else {
+        v->len = s->len;
+        v->data = s->data;
+    }
+
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_llmlimit_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_llmlimit_main_conf_t  *lmcf;
+
+    lmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_llmlimit_main_conf_t));
+    if (lmcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&lmcf->zones, cf->pool, 4,
+                       sizeof(ngx_http_llmlimit_zone_decl_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    if (ngx_array_init(&lmcf->tables, cf->pool, 4,
+                       sizeof(ngx_http_llmlimit_table_decl_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return lmcf;
+}
+
+
+static void *
+ngx_http_llmlimit_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_llmlimit_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_llmlimit_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->header_limit = { 0, NULL };
+     *     conf->header_remaining = { 0, NULL };
+     *     conf->header_reset = { 0, NULL };
+     */
+
+    conf->tables = NGX_CONF_UNSET_PTR;
+    conf->status_code = NGX_CONF_UNSET_UINT;
+    conf->dry_run = NGX_CONF_UNSET;
+    conf->log_level = NGX_CONF_UNSET_UINT;
+    conf->headers = NGX_CONF_UNSET_UINT;
+    conf->reset_epoch = NGX_CONF_UNSET_UINT;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_llmlimit_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_llmlimit_loc_conf_t *prev = parent;
+    ngx_http_llmlimit_loc_conf_t *conf = child;
+
+    ngx_conf_merge_ptr_value(conf->tables, prev->tables, NULL);
+    ngx_conf_merge_uint_value(conf->status_code, prev->status_code,
+                              NGX_HTTP_TOO_MANY_REQUESTS);
+    ngx_conf_merge_value(conf->dry_run, prev->dry_run, 0);
+    ngx_conf_merge_uint_value(conf->log_level, prev->log_level, NGX_LOG_ERR);
+
+    if (conf->headers == NGX_CONF_UNSET_UINT) {
+        conf->headers = prev->headers;
+        conf->reset_epoch = prev->reset_epoch;
+        conf->header_limit = prev->header_limit;
+        conf->header_remaining = prev->header_remaining;
+        conf->header_reset = prev->header_reset;
+    }
+
+    if (conf->headers == NGX_CONF_UNSET_UINT) {
+        conf->headers = NGX_HTTP_LLMLIMIT_HEADERS_X;
+        conf->reset_epoch = 0;
+        ngx_str_set(&conf->header_limit, "X-RateLimit-Limit");
+        ngx_str_set(&conf->header_remaining, "X-RateLimit-Remaining");
+        ngx_str_set(&conf->header_reset, "X-RateLimit-Reset");
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_http_llmlimit_zone_decl_t *
+ngx_http_llmlimit_get_zone(ngx_conf_t *cf, ngx_str_t *name)
+{
+    ngx_uint_t                       i;
+    ngx_http_llmlimit_zone_decl_t  **zones, *zd;
+    ngx_http_llmlimit_main_conf_t   *lmcf;
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_llmlimit_module);
+
+    zones = lmcf->zones.elts;
+
+    for (i = 0; i < lmcf->zones.nelts; i++) {
+        if (zones[i]->zone.name.len == name->len
+            && ngx_strncmp(zones[i]->zone.name.data, name->data, name->len)
+               == 0)
+        {
+            return zones[i];
+        }
+    }
+
+    zd = ngx_pcalloc(cf->pool, sizeof(ngx_http_llmlimit_zone_decl_t));
+    if (zd == NULL) {
+        return NULL;
+    }
+
+    zd->zone.name = *name;
+    zd->zone.failure = NGX_HTTP_LLMLIMIT_FAIL_LOCAL;
+    zd->ref.file = cf->conf_file->file.name;
+    zd->ref.line = cf->conf_file->line;
+
+    zones = ngx_array_push(&lmcf->zones);
+    if (zones == NULL) {
+        return NULL;
+    }
+
+    *zones = zd;
+
+    return zd;
+}
+
+
+static ngx_http_llmlimit_table_decl_t *
+ngx_http_llmlimit_get_table(ngx_conf_t *cf, ngx_str_t *name)
+{
+    ngx_uint_t                        i;
+    ngx_http_llmlimit_table_decl_t  **tables, *td;
+    ngx_http_llmlimit_main_conf_t    *lmcf;
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_llmlimit_module);
+
+    tables = lmcf->tables.elts;
+
+    for (i = 0; i < lmcf->tables.nelts; i++) {
+        if (tables[i]->table.name.len == name->len
+            && ngx_strncmp(tables[i]->table.name.data, name->data, name->len)
+               == 0)
+        {
+            return tables[i];
+        }
+    }
+
+    td = ngx_pcalloc(cf->pool, sizeof(ngx_http_llmlimit_table_decl_t));
+    if (td == NULL) {
+        return NULL;
+    }
+
+    td->table.name = *name;
+    td->ref.file = cf->conf_file->file.name;
+    td->ref.line = cf->conf_file->line;
+
+    tables = ngx_array_push(&lmcf->tables);
+    if (tables == NULL) {
+        return NULL;
+    }
+
+    *tables = td;
+
+    return td;
+}
+
+
+static char *
+ngx_http_llmlimit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char                           *rv;
+    ssize_t                         size;
+    ngx_str_t                      *value, s;
+    ngx_uint_t                      i;
+    ngx_http_llmlimit_zone_t       *zone;
+    ngx_http_llmlimit_zone_decl_t  *zd;
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone name \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    zd = ngx_http_llmlimit_get_zone(cf, &value[1]);
+    if (zd == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (zd->defined) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate llmlimit_zone \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    zd->defined = 1;
+    zone = &zd->zone;
+
+    s = value[2];
+    size = ngx_parse_size(&s);
+
+    if (size == NGX_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone size \"%V\"", &value[2]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (size < (ssize_t) (8 * ngx_pagesize)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" is too small", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    zone->size = size;
+
+    for (i = 3; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "redis", 5) == 0) {
+            rv = ngx_http_llmlimit_redis_option(cf, zone, &value[i]);
+            if (rv != NGX_CONF_OK) {
+                return rv;
+            }
+
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    rv = ngx_http_llmlimit_redis_conf_done(cf, zone);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    zone->shm_zone = ngx_shared_memory_add(cf, &value[1], size,
+                                           &ngx_http_llmlimit_module);
+    if (zone->shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (zone->shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate zone \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    zone->shm_zone->init = ngx_http_llmlimit_shm_init_zone;
+    zone->shm_zone->data = zone;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_llmlimit_rules(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char                            *rv;
+    ngx_str_t                       *value, s;
+    ngx_uint_t                       i, j;
+    ngx_conf_t                       save;
+    ngx_http_llmlimit_rule_t        *rule;
+    ngx_http_llmlimit_table_t       *table;
+    ngx_http_llmlimit_zone_decl_t   *zd;
+    ngx_http_llmlimit_table_decl_t  *td;
+    ngx_http_compile_complex_value_t ccv;
+
+    value = cf->args->elts;
+
+    td = ngx_http_llmlimit_get_table(cf, &value[1]);
+    if (td == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (td->defined) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate llmlimit_rules \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    td->defined = 1;
+    table = &td->table;
+    table->algorithm = NGX_HTTP_LLMLIMIT_SLIDING;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
+            s.len = value[i].len - 5;
+            s.data = value[i].data + 5;
+
+            if (s.len == 0) {
+                goto invalid;
+            }
+
+            zd = ngx_http_llmlimit_get_zone(cf, &s);
+            if (zd == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            table->zone = &zd->zone;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "algorithm=", 10) == 0) {
+            s.len = value[i].len - 10;
+            s.data = value[i].data + 10;
+
+            if (s.len == 7 && ngx_strncmp(s.data, "sliding", 7) == 0) {
+                table->algorithm = NGX_HTTP_LLMLIMIT_SLIDING;
+
+            } else if (s.len == 5 && ngx_strncmp(s.data, "fixed", 5) == 0) {
+                table->algorithm = NGX_HTTP_LLMLIMIT_FIXED;
+
+            } else if (s.len == 4 && ngx_strncmp(s.data, "gcra", 4) == 0) {
+                table->algorithm = NGX_HTTP_LLMLIMIT_GCRA;
+
+            } else {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "plan=", 5) == 0) {
+            s.len = value[i].len - 5;
+            s.data = value[i].data + 5;
+
+            if (s.len == 0 || s.data[0] != '$') {
+                goto invalid;
+            }
+
+            table->plan = ngx_palloc(cf->pool,
+                                     sizeof(ngx_http_complex_value_t));
+            if (table->plan == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+            ccv.cf = cf;
+            ccv.value = &s;
+            ccv.complex_value = table->plan;
+
+            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (table->zone == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"zone=\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_array_init(&table->rules, cf->pool, 16,
+                       sizeof(ngx_http_llmlimit_rule_t))
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    save = *cf;
+    cf->handler = ngx_http_llmlimit_rules_line;
+    cf->handler_conf = (char *) table;
+
+    rv = ngx_conf_parse(cf, NULL);
+
+    *cf = save;
+
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    if (table->rules.nelts == 0) {
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "llmlimit_rules \"%V\" has no rules", &value[1]);
+    }
+
+    /* the 429 bodies, encoded once */
+
+    rule = table->rules.elts;
+
+    for (j = 0; j < table->rules.nelts; j++) {
+        if (ngx_http_llmlimit_prepare_rule(cf, &rule[j]) != NGX_CONF_OK) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+
+    return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_llmlimit_rules_line(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
+{
+    return ngx_http_llmlimit_rule_parse(cf, conf);
+}
+
+
+static char *
+ngx_http_llmlimit_prepare_rule(ngx_conf_t *cf, ngx_http_llmlimit_rule_t *rule)
+{
+    ngx_uint_t                   i, j, n;
+    ngx_http_llmlimit_limits_t  *limits;
+
+    n = rule->plans ? rule->plans->nelts : 0;
+
+    for (i = 0; i <= n; i++) {
+        limits = (i < n) ? (ngx_http_llmlimit_limits_t *) rule->plans->elts + i
+                         : &rule->deflt;
+
+        for (j = 0; j < limits->nlimits; j++) {
+            if (ngx_http_llmlimit_json_prefix(cf->pool, &rule->category,
+                                              &limits->limits[j])
+                != NGX_OK)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "could not encode the rejection of "
+                                   "category \"%V\"", &rule->category);
+                return NGX_CONF_ERROR;
+            }
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_llmlimit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llmlimit_loc_conf_t *llcf = conf;
+
+    ngx_str_t                        *value;
+    ngx_uint_t                        i;
+    ngx_http_llmlimit_table_t       **tables;
+    ngx_http_llmlimit_table_decl_t   *td;
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+
+        if (llcf->tables != NGX_CONF_UNSET_PTR) {
+            return (llcf->tables == NULL) ? "is duplicate"
+                                          : "\"off\" conflicts with tables";
+        }
+
+        llcf->tables = NULL;
+        return NGX_CONF_OK;
+    }
+
+    if (llcf->tables == NULL) {
+        return "conflicts with \"off\"";
+    }
+
+    if (llcf->tables == NGX_CONF_UNSET_PTR) {
+        llcf->tables = ngx_array_create(cf->pool, 2,
+                                        sizeof(ngx_http_llmlimit_table_t *));
+        if (llcf->tables == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    td = ngx_http_llmlimit_get_table(cf, &value[1]);
+    if (td == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    tables = llcf->tables->elts;
+
+    for (i = 0; i < llcf->tables->nelts; i++) {
+        if (tables[i] == &td->table) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "llmlimit \"%V\" is duplicate", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (llcf->tables->nelts
+        == NGX_HTTP_LLMLIMIT_MAX_COUNTERS / NGX_HTTP_LLMLIMIT_MAX_LIMITS)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "too many llmlimit tables, at most %d at one level",
+                           NGX_HTTP_LLMLIMIT_MAX_COUNTERS
+                           / NGX_HTTP_LLMLIMIT_MAX_LIMITS);
+        return NGX_CONF_ERROR;
+    }
+
+    tables = ngx_array_push(llcf->tables);
+    if (tables == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *tables = &td->table;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llmlimit_loc_conf_t *llcf = conf;
+
+    u_char      *p;
+    ngx_str_t   *value, prefix, *h;
+    ngx_uint_t   i, upper;
+
+    static char  *suffixes[] = { "-Limit", "-Remaining", "-Reset" };
+
+    if (llcf->headers != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "x") == 0) {
+        llcf->headers = NGX_HTTP_LLMLIMIT_HEADERS_X;
+
+    } else if (ngx_strcmp(value[1].data, "ietf") == 0) {
+        llcf->headers = NGX_HTTP_LLMLIMIT_HEADERS_IETF;
+
+    } else if (ngx_strcmp(value[1].data, "both") == 0) {
+        llcf->headers = NGX_HTTP_LLMLIMIT_HEADERS_X
+                        | NGX_HTTP_LLMLIMIT_HEADERS_IETF;
+
+    } else if (ngx_strcmp(value[1].data, "off") == 0) {
+        llcf->headers = 0;
+
+    } else {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid value \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_str_set(&prefix, "X-RateLimit");
+    llcf->reset_epoch = 0;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "prefix=", 7) == 0
+            && value[i].len > 7)
+        {
+            prefix.len = value[i].len - 7;
+            prefix.data = value[i].data + 7;
+
+            for (p = prefix.data; p < prefix.data + prefix.len; p++) {
+                if (*p <= ' ' || *p == ':' || *p >= 0x7f) {
+                    goto invalid;
+                }
+            }
+
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "reset=delta") == 0) {
+            llcf->reset_epoch = 0;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "reset=epoch") == 0) {
+            llcf->reset_epoch = 1;
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    /* "lb-ratelimit" gives "lb-ratelimit-limit", "X-RateLimit" "-Limit" */
+
+    upper = 0;
+
+    for (p = prefix.data; p < prefix.data + prefix.len; p++) {
+        if (*p >= 'A' && *p <= 'Z') {
+            upper = 1;
+            break;
+        }
+    }
+
+    h = &llcf->header_limit;
+
+    for (i = 0; i < 3; i++) {
+        h[i].len = prefix.len + ngx_strlen(suffixes[i]);
+        h[i].data = ngx_pnalloc(cf->pool, h[i].len);
+        if (h[i].data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        p = ngx_cpymem(h[i].data, prefix.data, prefix.len);
+        p = ngx_cpymem(p, suffixes[i], ngx_strlen(suffixes[i]));
+
+        if (!upper) {
+            ngx_strlow(h[i].data + prefix.len, h[i].data + prefix.len,
+                       h[i].len - prefix.len);
+        }
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+
+    return NGX_CONF_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_llmlimit_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_init(ngx_conf_t *cf)
+{
+    ngx_uint_t                        i;
+    ngx_http_handler_pt              *h;
+    ngx_http_core_main_conf_t        *cmcf;
+    ngx_http_llmlimit_zone_decl_t   **zones;
+    ngx_http_llmlimit_main_conf_t    *lmcf;
+    ngx_http_llmlimit_table_decl_t  **tables;
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_llmlimit_module);
+
+    zones = lmcf->zones.elts;
+
+    for (i = 0; i < lmcf->zones.nelts; i++) {
+        if (!zones[i]->defined) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "unknown llmlimit_zone \"%V\" in %V:%ui",
+                          &zones[i]->zone.name, &zones[i]->ref.file,
+                          zones[i]->ref.line);
+            return NGX_ERROR;
+        }
+    }
+
+    tables = lmcf->tables.elts;
+
+    for (i = 0; i < lmcf->tables.nelts; i++) {
+        if (!tables[i]->defined) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "unknown llmlimit_rules \"%V\" in %V:%ui",
+                          &tables[i]->table.name, &tables[i]->ref.file,
+                          tables[i]->ref.line);
+            return NGX_ERROR;
+        }
+    }
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_llmlimit_handler;
+
+    ngx_http_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = ngx_http_llmlimit_header_filter;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_init_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                       i;
+    ngx_http_llmlimit_zone_decl_t  **zones;
+    ngx_http_llmlimit_main_conf_t   *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_llmlimit_module);
+    if (lmcf == NULL) {
+        return NGX_OK;
+    }
+
+    zones = lmcf->zones.elts;
+
+    for (i = 0; i < lmcf->zones.nelts; i++) {
+        if (zones[i]->zone.redis
+            && ngx_http_llmlimit_redis_init_process(cycle, &zones[i]->zone)
+               != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_llmlimit_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                       i;
+    ngx_http_llmlimit_zone_decl_t  **zones;
+    ngx_http_llmlimit_main_conf_t   *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_llmlimit_module);
+    if (lmcf == NULL) {
+        return;
+    }
+
+    zones = lmcf->zones.elts;
+
+    for (i = 0; i < lmcf->zones.nelts; i++) {
+        if (zones[i]->zone.redis) {
+            ngx_http_llmlimit_redis_exit_process(cycle, &zones[i]->zone);
+        }
+    }
+}

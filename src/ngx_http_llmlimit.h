@@ -1,0 +1,263 @@
+
+/*
+ * Copyright (C) llmlimit developers
+ */
+
+
+#ifndef _NGX_HTTP_LLMLIMIT_H_INCLUDED_
+#define _NGX_HTTP_LLMLIMIT_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <ngx_md5.h>
+
+
+#define NGX_HTTP_LLMLIMIT_SLIDING         0
+#define NGX_HTTP_LLMLIMIT_FIXED           1
+#define NGX_HTTP_LLMLIMIT_GCRA            2
+
+#define NGX_HTTP_LLMLIMIT_PATH_ANY        0
+#define NGX_HTTP_LLMLIMIT_PATH_EXACT      1
+#define NGX_HTTP_LLMLIMIT_PATH_PATTERN    2
+#define NGX_HTTP_LLMLIMIT_PATH_REGEX      3
+
+#define NGX_HTTP_LLMLIMIT_FAIL_LOCAL      0
+#define NGX_HTTP_LLMLIMIT_FAIL_OPEN       1
+#define NGX_HTTP_LLMLIMIT_FAIL_CLOSED     2
+
+#define NGX_HTTP_LLMLIMIT_MAX_LIMITS      8
+#define NGX_HTTP_LLMLIMIT_MAX_COUNTERS    32
+
+/* $llmlimit_status */
+#define NGX_HTTP_LLMLIMIT_UNSET           0
+#define NGX_HTTP_LLMLIMIT_PASSED          1
+#define NGX_HTTP_LLMLIMIT_REJECTED        2
+#define NGX_HTTP_LLMLIMIT_REJECTED_DRY    3
+#define NGX_HTTP_LLMLIMIT_BYPASSED        4
+#define NGX_HTTP_LLMLIMIT_ERROR           5
+
+
+typedef struct ngx_http_llmlimit_redis_s  ngx_http_llmlimit_redis_t;
+
+
+/* one COUNT/PERIOD */
+typedef struct {
+    ngx_uint_t                      count;
+    ngx_msec_t                      period;
+    ngx_str_t                       json;          /* 429 body, set by lead */
+} ngx_http_llmlimit_limit_t;
+
+
+/* the limits of a rule, for one plan; nlimits == 0 means "unlimited" */
+typedef struct {
+    ngx_str_t                       plan;
+    ngx_uint_t                      nlimits;
+    ngx_http_llmlimit_limit_t       limits[NGX_HTTP_LLMLIMIT_MAX_LIMITS];
+} ngx_http_llmlimit_limits_t;
+
+
+typedef struct {
+    ngx_str_t                       category;
+    ngx_str_t                       category_id;   /* IETF policy name */
+    ngx_uint_t                      methods;       /* NGX_HTTP_* bits; 0: any */
+
+    ngx_uint_t                      path_type;
+    ngx_str_t                       path;          /* literal or pattern */
+    ngx_array_t                    *path_tokens;   /* compiled pattern */
+#if (NGX_PCRE)
+    ngx_regex_t                    *regex;
+#endif
+
+    ngx_http_complex_value_t        key;
+    ngx_array_t                    *key_vars;      /* ngx_int_t indexes */
+
+    /* MD5 state over (table, category, KEY expression) */
+    ngx_md5_t                       budget;
+
+    ngx_array_t                    *plans;         /* limits_t per plan */
+    ngx_http_llmlimit_limits_t      deflt;         /* any other plan */
+} ngx_http_llmlimit_rule_t;
+
+
+typedef struct {
+    ngx_rbtree_t                    rbtree;
+    ngx_rbtree_node_t               sentinel;
+    ngx_queue_t                     lru;
+    ngx_queue_t                     free;
+    ngx_uint_t                      nodes;
+    ngx_uint_t                      evicted;
+    time_t                          warn_time;
+} ngx_http_llmlimit_shctx_t;
+
+
+typedef struct {
+    ngx_str_t                       name;
+    size_t                          size;
+    ngx_shm_zone_t                 *shm_zone;
+    ngx_http_llmlimit_shctx_t      *sh;
+    ngx_slab_pool_t                *shpool;
+    ngx_http_llmlimit_redis_t      *redis;         /* NULL: shm only */
+    ngx_uint_t                      failure;       /* redis_failure= */
+} ngx_http_llmlimit_zone_t;
+
+
+typedef struct {
+    ngx_str_t                       name;
+    ngx_http_llmlimit_zone_t       *zone;
+    ngx_uint_t                      algorithm;
+    ngx_http_complex_value_t       *plan;
+    ngx_array_t                     rules;         /* ngx_http_llmlimit_rule_t */
+} ngx_http_llmlimit_table_t;
+
+
+/*
+ * One counter of a request: a (table, category, KEY expression, identity)
+ * budget and one of its limits.  The handler fills the first part, a store
+ * fills the results.
+ */
+typedef struct {
+    u_char                          hash[16];      /* MD5(budget, identity) */
+    ngx_msec_t                      period;
+    ngx_uint_t                      count;
+    ngx_uint_t                      algorithm;
+    ngx_http_llmlimit_table_t      *table;
+    ngx_http_llmlimit_rule_t       *rule;
+    ngx_http_llmlimit_limit_t      *limit;
+
+    ngx_uint_t                      remaining;     /* after this request */
+    ngx_msec_t                      reset;         /* until one more fits */
+    ngx_msec_t                      retry;         /* until 1 fits, if not */
+    unsigned                        rejected:1;
+} ngx_http_llmlimit_counter_t;
+
+
+typedef struct ngx_http_llmlimit_batch_s  ngx_http_llmlimit_batch_t;
+
+typedef void (*ngx_http_llmlimit_done_pt)(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+
+/*
+ * The counters of one request in one zone, checked and counted
+ * atomically: all are counted or none.
+ */
+struct ngx_http_llmlimit_batch_s {
+    ngx_http_llmlimit_zone_t       *zone;
+    ngx_http_llmlimit_counter_t    *counters;
+    ngx_uint_t                      n;
+    ngx_int_t                       rc;            /* NGX_OK, NGX_BUSY, ... */
+    ngx_http_llmlimit_done_pt       done;          /* async completion */
+    void                           *data;          /* store's own */
+};
+
+
+/*
+ * The store interface.  check() returns
+ *   NGX_OK     all counters passed and were counted (results filled);
+ *   NGX_BUSY   some counter is over its limit, none counted (results filled);
+ *   NGX_AGAIN  b->done(r, b) will be called later with b->rc set to one of
+ *              NGX_OK, NGX_BUSY or NGX_ERROR;
+ *   NGX_ERROR  the store cannot answer: the zone's failure policy applies.
+ */
+typedef struct {
+    ngx_int_t (*check)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
+} ngx_http_llmlimit_store_t;
+
+
+extern ngx_module_t                     ngx_http_llmlimit_module;
+extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_shm_store;
+extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_redis_store;
+
+
+/* src/ngx_http_llmlimit_rules.c */
+char *ngx_http_llmlimit_rule_parse(ngx_conf_t *cf,
+    ngx_http_llmlimit_table_t *table);
+ngx_int_t ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
+    ngx_http_llmlimit_table_t *table, ngx_http_llmlimit_rule_t **rule,
+    ngx_str_t *identity);
+ngx_http_llmlimit_limits_t *ngx_http_llmlimit_rule_limits(
+    ngx_http_llmlimit_rule_t *rule, ngx_str_t *plan);
+
+
+/* src/ngx_http_llmlimit_algo.c */
+typedef struct {
+    int64_t                         t;     /* window start or TAT, ms */
+    uint32_t                        cur;
+    uint32_t                        prev;
+} ngx_http_llmlimit_state_t;
+
+ngx_int_t ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now);
+void ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now);
+int64_t ngx_http_llmlimit_algo_expires(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c);
+int64_t ngx_http_llmlimit_now(void);
+
+
+/* src/ngx_http_llmlimit_shm.c */
+ngx_int_t ngx_http_llmlimit_shm_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+
+
+/* src/ngx_http_llmlimit_redis.c */
+char *ngx_http_llmlimit_redis_option(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone, ngx_str_t *value);
+char *ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone);
+ngx_int_t ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone);
+void ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone);
+
+
+/* the module's configuration and request state */
+
+#define NGX_HTTP_LLMLIMIT_HEADERS_X       0x01
+#define NGX_HTTP_LLMLIMIT_HEADERS_IETF    0x02
+
+typedef struct {
+    ngx_array_t                    *tables;        /* table_t *; NULL: off */
+    ngx_uint_t                      status_code;
+    ngx_flag_t                      dry_run;
+    ngx_uint_t                      log_level;
+    ngx_uint_t                      headers;
+    ngx_uint_t                      reset_epoch;
+    ngx_str_t                       header_limit;
+    ngx_str_t                       header_remaining;
+    ngx_str_t                       header_reset;
+} ngx_http_llmlimit_loc_conf_t;
+
+
+typedef struct {
+    ngx_uint_t                      status;        /* $llmlimit_status */
+    ngx_uint_t                      waiting;       /* on a store */
+    ngx_uint_t                      decided;
+
+    ngx_http_llmlimit_counter_t    *counters;
+    ngx_uint_t                      ncounters;
+    ngx_http_llmlimit_batch_t      *batches;
+    ngx_uint_t                      nbatches;
+    ngx_uint_t                      batch;         /* the one at hand */
+
+    ngx_http_llmlimit_counter_t    *report;        /* most restrictive */
+    ngx_str_t                      *category;
+    ngx_str_t                       plan;
+    ngx_msec_t                      retry;
+} ngx_http_llmlimit_ctx_t;
+
+
+/* src/ngx_http_llmlimit_response.c */
+ngx_int_t ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+ngx_int_t ngx_http_llmlimit_reject(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+
+
+/* src/ngx_http_llmlimit_json.c */
+ngx_int_t ngx_http_llmlimit_json_prefix(ngx_pool_t *pool,
+    ngx_str_t *category, ngx_http_llmlimit_limit_t *limit);
+
+
+#endif /* _NGX_HTTP_LLMLIMIT_H_INCLUDED_ */

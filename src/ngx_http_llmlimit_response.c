@@ -1,0 +1,238 @@
+
+/*
+ * Copyright (C) llmlimit developers
+ */
+
+
+/* The rate-limit response headers and the rejection. */
+
+
+#include "ngx_http_llmlimit.h"
+
+
+static ngx_int_t ngx_http_llmlimit_header(ngx_http_request_t *r,
+    ngx_str_t *key, u_char *value, u_char *last);
+static ngx_uint_t ngx_http_llmlimit_has_error_page(ngx_http_request_t *r,
+    ngx_uint_t status);
+
+
+static ngx_str_t  ngx_http_llmlimit_retry_after = ngx_string("Retry-After");
+static ngx_str_t  ngx_http_llmlimit_ietf_policy =
+    ngx_string("RateLimit-Policy");
+static ngx_str_t  ngx_http_llmlimit_ietf = ngx_string("RateLimit");
+static ngx_str_t  ngx_http_llmlimit_json_type =
+    ngx_string("application/json");
+
+
+static ngx_inline time_t
+ngx_http_llmlimit_seconds(ngx_msec_t ms)
+{
+    return (time_t) ((ms + 999) / 1000);
+}
+
+
+ngx_int_t
+ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
+{
+    u_char                       *p;
+    time_t                        reset;
+    ngx_str_t                    *id;
+    ngx_http_llmlimit_counter_t  *c;
+    u_char                        buf[NGX_INT64_LEN * 3 + 256];
+
+    c = ctx->report;
+
+    if (c != NULL && llcf->headers) {
+
+        reset = ngx_http_llmlimit_seconds(c->reset);
+
+        if (llcf->headers & NGX_HTTP_LLMLIMIT_HEADERS_X) {
+
+            p = ngx_sprintf(buf, "%ui", c->count);
+            if (ngx_http_llmlimit_header(r, &llcf->header_limit, buf, p)
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+
+            p = ngx_sprintf(buf, "%ui", c->remaining);
+            if (ngx_http_llmlimit_header(r, &llcf->header_remaining, buf, p)
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+
+            p = ngx_sprintf(buf, "%T", llcf->reset_epoch
+                                       ? ngx_time() + reset : reset);
+            if (ngx_http_llmlimit_header(r, &llcf->header_reset, buf, p)
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+        }
+
+        if (llcf->headers & NGX_HTTP_LLMLIMIT_HEADERS_IETF) {
+            id = &c->rule->category_id;
+
+            if (id->len > sizeof(buf) - NGX_INT64_LEN * 3 - 16) {
+                /* never longer than the buffer */
+                id = &ngx_http_llmlimit_ietf;
+            }
+
+            p = ngx_sprintf(buf, "\"%V\";q=%ui;w=%T", id, c->count,
+                            ngx_http_llmlimit_seconds(c->period));
+            if (ngx_http_llmlimit_header(r, &ngx_http_llmlimit_ietf_policy,
+                                         buf, p)
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+
+            p = ngx_sprintf(buf, "\"%V\";r=%ui;t=%T", id, c->remaining,
+                            reset);
+            if (ngx_http_llmlimit_header(r, &ngx_http_llmlimit_ietf, buf, p)
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+        }
+    }
+
+    if (ctx->status == NGX_HTTP_LLMLIMIT_REJECTED) {
+        reset = ngx_http_llmlimit_seconds(ctx->retry);
+
+        p = ngx_sprintf(buf, "%T", reset ? reset : 1);
+        if (ngx_http_llmlimit_header(r, &ngx_http_llmlimit_retry_after,
+                                     buf, p)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_header(ngx_http_request_t *r, ngx_str_t *key,
+    u_char *value, u_char *last)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->value.len = last - value;
+    h->value.data = ngx_pnalloc(r->pool, h->value.len);
+    if (h->value.data == NULL) {
+        h->hash = 0;
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(h->value.data, value, h->value.len);
+
+    h->hash = 1;
+    h->key = *key;
+
+#if (nginx_version >= 1023000)
+    h->next = NULL;
+#endif
+
+    return NGX_OK;
+}
+
+
+/*
+ * Answers the rejected request: the JSON body, unless an error_page
+ * for the status takes over; returns what the phase handler returns.
+ */
+
+ngx_int_t
+ngx_http_llmlimit_reject(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
+{
+    u_char       *p;
+    time_t        retry;
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_str_t    *json;
+    ngx_chain_t   out;
+
+    if (ngx_http_llmlimit_has_error_page(r, llcf->status_code)) {
+        return llcf->status_code;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    json = &ctx->report->limit->json;
+
+    retry = ngx_http_llmlimit_seconds(ctx->retry);
+
+    b = ngx_create_temp_buf(r->pool, json->len + NGX_TIME_T_LEN + 3);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_cpymem(b->pos, json->data, json->len);
+    b->last = ngx_sprintf(p, "%T}}\n", retry ? retry : 1);
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = llcf->status_code;
+    r->headers_out.content_type = ngx_http_llmlimit_json_type;
+    r->headers_out.content_type_len = ngx_http_llmlimit_json_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.content_length_n = b->last - b->pos;
+
+    if (r->headers_out.content_length) {
+        r->headers_out.content_length->hash = 0;
+        r->headers_out.content_length = NULL;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+static ngx_uint_t
+ngx_http_llmlimit_has_error_page(ngx_http_request_t *r, ngx_uint_t status)
+{
+    ngx_uint_t                 i;
+    ngx_http_err_page_t       *err_page;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    if (clcf->error_pages == NULL || r->uri_changes == 0) {
+        return 0;
+    }
+
+    if (r->error_page && !clcf->recursive_error_pages) {
+        return 0;
+    }
+
+    err_page = clcf->error_pages->elts;
+
+    for (i = 0; i < clcf->error_pages->nelts; i++) {
+        if (err_page[i].status == (ngx_int_t) status) {
+            return 1;
+        }
+    }
+
+    return 0;
+}

@@ -1,0 +1,439 @@
+
+/*
+ * Copyright (C) llmlimit developers
+ */
+
+
+/*
+ * The shared-memory store: counters in an rbtree keyed by a hash of
+ * (budget, identity, limit), with an LRU queue.  Nodes have one fixed
+ * size, so they are carved from whole slab pages and recycled through a
+ * free list: 80 bytes a counter rather than the 128 of a slab chunk.
+ */
+
+
+#include "ngx_http_llmlimit.h"
+
+
+#define NGX_HTTP_LLMLIMIT_EXPIRE_SCAN   16
+#define NGX_HTTP_LLMLIMIT_WARN_PERIOD   60
+
+
+typedef struct {
+    u_char                          color;
+    u_char                          dummy;
+    u_short                         unused;
+    uint32_t                        expires;     /* seconds */
+    ngx_queue_t                     queue;
+    uint64_t                        key2;
+    ngx_http_llmlimit_state_t       state;
+} ngx_http_llmlimit_node_t;
+
+
+#define ngx_http_llmlimit_node(n)                                            \
+    ((ngx_http_llmlimit_node_t *) &(n)->color)
+
+#define ngx_http_llmlimit_rbnode(ln)                                         \
+    ((ngx_rbtree_node_t *)                                                   \
+         ((u_char *) (ln) - offsetof(ngx_rbtree_node_t, color)))
+
+#define NGX_HTTP_LLMLIMIT_NODE_SIZE                                          \
+    ngx_align(offsetof(ngx_rbtree_node_t, color)                             \
+              + sizeof(ngx_http_llmlimit_node_t), sizeof(uint64_t))
+
+
+static ngx_int_t ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+static ngx_rbtree_node_t *ngx_http_llmlimit_shm_lookup(
+    ngx_http_llmlimit_zone_t *zone, ngx_rbtree_key_t key, uint64_t key2);
+static ngx_rbtree_node_t *ngx_http_llmlimit_shm_alloc(
+    ngx_http_llmlimit_zone_t *zone, ngx_rbtree_node_t **keep, ngx_uint_t n,
+    time_t now, ngx_uint_t *evicted);
+static void ngx_http_llmlimit_shm_free(ngx_http_llmlimit_zone_t *zone,
+    ngx_rbtree_node_t *node);
+static ngx_uint_t ngx_http_llmlimit_shm_expire(ngx_http_llmlimit_zone_t *zone,
+    time_t now, ngx_uint_t scan);
+static void ngx_http_llmlimit_rbtree_insert_value(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+
+
+ngx_http_llmlimit_store_t  ngx_http_llmlimit_shm_store = {
+    ngx_http_llmlimit_shm_check
+};
+
+
+static ngx_int_t
+ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    time_t                        sec;
+    int64_t                       now, expires;
+    uint64_t                      k[2], mix;
+    ngx_int_t                     rc;
+    ngx_uint_t                    i, evicted, warn;
+    ngx_rbtree_node_t            *nodes[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
+    ngx_http_llmlimit_zone_t     *zone;
+    ngx_http_llmlimit_node_t     *ln;
+    ngx_http_llmlimit_state_t     fresh[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
+    ngx_http_llmlimit_state_t    *st[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
+    ngx_http_llmlimit_counter_t  *c;
+
+    zone = b->zone;
+    now = ngx_http_llmlimit_now();
+    sec = (time_t) (now / 1000);
+    rc = NGX_OK;
+    evicted = 0;
+    warn = 0;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    ngx_http_llmlimit_shm_expire(zone, sec, 2);
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+
+        ngx_memcpy(k, c->hash, sizeof(k));
+
+        /* one node per (budget, identity, period, algorithm) */
+
+        mix = ((uint64_t) c->period << 2 | c->algorithm)
+              * 0x9e3779b97f4a7c15ULL;
+        k[0] ^= mix;
+        k[1] ^= mix >> 17 | mix << 47;
+
+        nodes[i] = ngx_http_llmlimit_shm_lookup(zone, (ngx_rbtree_key_t) k[0],
+                                                k[1]);
+
+        if (nodes[i] == NULL) {
+            nodes[i] = ngx_http_llmlimit_shm_alloc(zone, nodes, i, sec,
+                                                   &evicted);
+            if (nodes[i] != NULL) {
+                ln = ngx_http_llmlimit_node(nodes[i]);
+                nodes[i]->key = (ngx_rbtree_key_t) k[0];
+                ln->key2 = k[1];
+                ln->expires = 0;
+                ngx_memzero(&ln->state, sizeof(ngx_http_llmlimit_state_t));
+
+                ngx_rbtree_insert(&zone->sh->rbtree, nodes[i]);
+                ngx_queue_insert_head(&zone->sh->lru, &ln->queue);
+            }
+        }
+
+        if (nodes[i] == NULL) {
+            /* the zone cannot hold even this request's counters */
+            ngx_memzero(&fresh[i], sizeof(ngx_http_llmlimit_state_t));
+            st[i] = &fresh[i];
+
+        } else {
+            ln = ngx_http_llmlimit_node(nodes[i]);
+            ngx_queue_remove(&ln->queue);
+            ngx_queue_insert_head(&zone->sh->lru, &ln->queue);
+            st[i] = &ln->state;
+        }
+
+        if (ngx_http_llmlimit_algo_check(st[i], c, now) != NGX_OK) {
+            rc = NGX_BUSY;
+        }
+    }
+
+    if (rc == NGX_OK) {
+        for (i = 0; i < b->n; i++) {
+            c = &b->counters[i];
+
+            ngx_http_llmlimit_algo_count(st[i], c, now);
+
+            if (nodes[i]) {
+                expires = ngx_http_llmlimit_algo_expires(st[i], c);
+                ln = ngx_http_llmlimit_node(nodes[i]);
+                ln->expires = (uint32_t) ((expires + 999) / 1000);
+            }
+        }
+    }
+
+    if (evicted) {
+        zone->sh->evicted += evicted;
+
+        if (sec - zone->sh->warn_time >= NGX_HTTP_LLMLIMIT_WARN_PERIOD) {
+            zone->sh->warn_time = sec;
+            warn = zone->sh->evicted;
+            zone->sh->evicted = 0;
+        }
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    if (warn) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "llmlimit zone \"%V\" is full, evicted %ui least "
+                      "recently used counters", &zone->name, warn);
+    }
+
+    for (i = 0; i < b->n; i++) {
+        if (nodes[i] == NULL) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "llmlimit zone \"%V\" could not allocate a counter",
+                          &zone->name);
+            break;
+        }
+    }
+
+    return rc;
+}
+
+
+static ngx_rbtree_node_t *
+ngx_http_llmlimit_shm_lookup(ngx_http_llmlimit_zone_t *zone,
+    ngx_rbtree_key_t key, uint64_t key2)
+{
+    ngx_rbtree_node_t         *node, *sentinel;
+    ngx_http_llmlimit_node_t  *ln;
+
+    node = zone->sh->rbtree.root;
+    sentinel = zone->sh->rbtree.sentinel;
+
+    while (node != sentinel) {
+
+        if (key < node->key) {
+            node = node->left;
+            continue;
+        }
+
+        if (key > node->key) {
+            node = node->right;
+            continue;
+        }
+
+        /* key == node->key */
+
+        ln = ngx_http_llmlimit_node(node);
+
+        if (key2 == ln->key2) {
+            return node;
+        }
+
+        node = (key2 < ln->key2) ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
+
+/*
+ * A node from the free list; else a new slab page of nodes; else the
+ * expired nodes at the LRU tail; else the least recently used node.
+ * The n nodes in keep[] belong to the request at hand and are spared.
+ */
+
+static ngx_rbtree_node_t *
+ngx_http_llmlimit_shm_alloc(ngx_http_llmlimit_zone_t *zone,
+    ngx_rbtree_node_t **keep, ngx_uint_t n, time_t now, ngx_uint_t *evicted)
+{
+    u_char                    *p, *last;
+    ngx_uint_t                 i, tries;
+    ngx_queue_t               *q;
+    ngx_rbtree_node_t         *node;
+    ngx_http_llmlimit_node_t  *ln;
+
+    for (tries = 0; /* void */ ; tries++) {
+
+        if (!ngx_queue_empty(&zone->sh->free)) {
+            q = ngx_queue_head(&zone->sh->free);
+            ngx_queue_remove(q);
+            zone->sh->nodes++;
+
+            ln = ngx_queue_data(q, ngx_http_llmlimit_node_t, queue);
+            return ngx_http_llmlimit_rbnode(ln);
+        }
+
+        switch (tries) {
+
+        case 0:
+            p = ngx_slab_alloc_locked(zone->shpool, ngx_pagesize);
+            if (p == NULL) {
+                break;
+            }
+
+            last = p + ngx_pagesize - NGX_HTTP_LLMLIMIT_NODE_SIZE;
+
+            for ( /* void */ ; p <= last; p += NGX_HTTP_LLMLIMIT_NODE_SIZE) {
+                node = (ngx_rbtree_node_t *) p;
+                ln = ngx_http_llmlimit_node(node);
+                ngx_queue_insert_tail(&zone->sh->free, &ln->queue);
+            }
+
+            break;
+
+        case 1:
+            (void) ngx_http_llmlimit_shm_expire(zone, now,
+                                                NGX_HTTP_LLMLIMIT_EXPIRE_SCAN);
+            break;
+
+        case 2:
+
+            /* evict the least recently used node not of this request */
+
+            for (q = ngx_queue_last(&zone->sh->lru);
+                 q != ngx_queue_sentinel(&zone->sh->lru);
+                 q = ngx_queue_prev(q))
+            {
+                ln = ngx_queue_data(q, ngx_http_llmlimit_node_t, queue);
+                node = ngx_http_llmlimit_rbnode(ln);
+
+                for (i = 0; i < n; i++) {
+                    if (keep[i] == node) {
+                        break;
+                    }
+                }
+
+                if (i == n) {
+                    ngx_http_llmlimit_shm_free(zone, node);
+                    (*evicted)++;
+                    break;
+                }
+            }
+
+            break;
+
+        default:
+            return NULL;
+        }
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_llmlimit_shm_free(ngx_http_llmlimit_zone_t *zone,
+    ngx_rbtree_node_t *node)
+{
+    ngx_http_llmlimit_node_t  *ln;
+
+    ln = ngx_http_llmlimit_node(node);
+
+    ngx_queue_remove(&ln->queue);
+    ngx_rbtree_delete(&zone->sh->rbtree, node);
+    ngx_queue_insert_head(&zone->sh->free, &ln->queue);
+    zone->sh->nodes--;
+}
+
+
+/* frees up to "scan" expired nodes from the LRU tail */
+
+static ngx_uint_t
+ngx_http_llmlimit_shm_expire(ngx_http_llmlimit_zone_t *zone, time_t now,
+    ngx_uint_t scan)
+{
+    ngx_uint_t                 freed;
+    ngx_queue_t               *q;
+    ngx_http_llmlimit_node_t  *ln;
+
+    freed = 0;
+
+    while (scan-- && !ngx_queue_empty(&zone->sh->lru)) {
+        q = ngx_queue_last(&zone->sh->lru);
+        ln = ngx_queue_data(q, ngx_http_llmlimit_node_t, queue);
+
+        if ((time_t) ln->expires > now) {
+            break;
+        }
+
+        ngx_http_llmlimit_shm_free(zone, ngx_http_llmlimit_rbnode(ln));
+        freed++;
+    }
+
+    return freed;
+}
+
+
+static void
+ngx_http_llmlimit_rbtree_insert_value(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_rbtree_node_t         **p;
+    ngx_http_llmlimit_node_t   *ln, *lnt;
+
+    for ( ;; ) {
+
+        if (node->key < temp->key) {
+            p = &temp->left;
+
+        } else if (node->key > temp->key) {
+            p = &temp->right;
+
+        } else { /* node->key == temp->key */
+
+            ln = ngx_http_llmlimit_node(node);
+            lnt = ngx_http_llmlimit_node(temp);
+
+            p = (ln->key2 < lnt->key2) ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
+}
+
+
+ngx_int_t
+ngx_http_llmlimit_shm_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_llmlimit_zone_t  *ozone = data;
+
+    size_t                     len;
+    ngx_http_llmlimit_zone_t  *zone;
+
+    zone = shm_zone->data;
+
+    if (ozone) {
+        zone->sh = ozone->sh;
+        zone->shpool = ozone->shpool;
+        return NGX_OK;
+    }
+
+    zone->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        zone->sh = zone->shpool->data;
+        return NGX_OK;
+    }
+
+    zone->sh = ngx_slab_alloc(zone->shpool, sizeof(ngx_http_llmlimit_shctx_t));
+    if (zone->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    zone->shpool->data = zone->sh;
+
+    ngx_rbtree_init(&zone->sh->rbtree, &zone->sh->sentinel,
+                    ngx_http_llmlimit_rbtree_insert_value);
+
+    ngx_queue_init(&zone->sh->lru);
+    ngx_queue_init(&zone->sh->free);
+    zone->sh->nodes = 0;
+    zone->sh->evicted = 0;
+    zone->sh->warn_time = 0;
+
+    len = sizeof(" in llmlimit zone \"\"") + shm_zone->shm.name.len;
+
+    zone->shpool->log_ctx = ngx_slab_alloc(zone->shpool, len);
+    if (zone->shpool->log_ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(zone->shpool->log_ctx, " in llmlimit zone \"%V\"%Z",
+                &shm_zone->shm.name);
+
+    zone->shpool->log_nomem = 0;
+
+    return NGX_OK;
+}
