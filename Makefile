@@ -44,3 +44,32 @@ $(MODULE): $(BUILD)/nginx/Makefile $(SOURCES)
 
 clean:
 	rm -rf $(BUILD)
+
+# --- run and test -----------------------------------------------------------
+
+NGINX      ?= /usr/sbin/nginx
+RUN_DIR     = $(BUILD)/run
+PROVE      ?= prove
+PROVE_OPTS ?=
+TESTS      ?= t/
+
+# make run: conf.example in the foreground, prefix under $(BUILD)/run.
+run: deps build
+	mkdir -p $(RUN_DIR)/logs $(RUN_DIR)/temp
+	sed -e 's|^\([[:space:]]*load_module[[:space:]]\{1,\}\).*ngx_http_llmlimit_module\.so;|\1$(MODULE);|' \
+	    conf.example > $(RUN_DIR)/nginx.conf
+	$(NGINX) -q -t -p $(RUN_DIR)/ -c $(RUN_DIR)/nginx.conf
+	@echo "llmlimit: http://127.0.0.1:8080 (LangSmith table)," \
+	      "http://127.0.0.1:8082 (Langbase plans)," \
+	      "backend http://127.0.0.1:8081; logs in $(RUN_DIR)/logs; Ctrl-C stops"
+	exec $(NGINX) -p $(RUN_DIR)/ -c $(RUN_DIR)/nginx.conf -g 'daemon off;'
+
+# make test: the whole suite against $(MODULE).
+test: deps build
+	LLMLIMIT_MODULE=$(MODULE) $(PROVE) -r $(PROVE_OPTS) $(TESTS)
+
+# make test-valgrind: the same with nginx under valgrind.
+test-valgrind: DEB_PKGS += valgrind
+test-valgrind: deps build
+	LLMLIMIT_MODULE=$(MODULE) LLMLIMIT_VALGRIND=1 \
+	    $(PROVE) -r $(PROVE_OPTS) $(TESTS)

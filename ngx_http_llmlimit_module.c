@@ -439,6 +439,8 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
         b->done = ngx_http_llmlimit_done;
     }
 
+    c = counters;
+
     if (ctx->nbatches > 1) {
         /* regroup the counters so that each batch holds a run of them */
 
@@ -628,10 +630,12 @@ ngx_http_llmlimit_decide(ngx_http_request_t *r,
 
     ngx_log_error(llcf->log_level, r->connection->log, 0,
                   "llmlimit: %slimiting request, table \"%V\", category "
-                  "\"%V\", key %*s, limit %ui/%Mms, retry after %Mms",
+                  "\"%V\", key %*s, limit %ui/%M%s, retry after %Mms",
                   llcf->dry_run ? "dry run, " : "", &report->table->name,
-                  &report->rule->category, (size_t) 8, fp,
-                  report->count, report->period, report->retry);
+                  &report->rule->category, (size_t) 8, fp, report->count,
+                  report->period % 1000 ? report->period
+                                        : report->period / 1000,
+                  report->period % 1000 ? "ms" : "s", report->retry);
 
     if (llcf->dry_run) {
         ctx->status = NGX_HTTP_LLMLIMIT_REJECTED_DRY;
