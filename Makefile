@@ -40,7 +40,9 @@ $(BUILD)/nginx/Makefile: $(NGX_SRC)/conf_flags config
 
 $(MODULE): $(BUILD)/nginx/Makefile $(SOURCES)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
-	cp $(BUILD)/nginx/objs/ngx_http_llmlimit_module.so $@
+	@# a new inode: a running nginx keeps the old file mapped
+	cp $(BUILD)/nginx/objs/ngx_http_llmlimit_module.so $@.tmp
+	mv -f $@.tmp $@
 
 clean:
 	rm -rf $(BUILD)
