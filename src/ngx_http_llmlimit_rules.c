@@ -1065,8 +1065,6 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
         limit->count = count;
         limit->period = (ngx_msec_t) period;
 
-        ngx_conf_log_error(NGX_LOG_NOTICE, cf, 0, "DEBUG limit %ui/%M", limit->count, limit->period);
-
         if (q == last) {
             return NGX_CONF_OK;
         }
