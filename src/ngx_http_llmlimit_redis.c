@@ -1,0 +1,1482 @@
+
+/*
+ * Copyright (C) llmlimit developers
+ */
+
+
+/*
+ * The Redis store.  Each worker holds one hiredis asynchronous connection
+ * per zone, driven by nginx's event loop through the adapter below; all
+ * requests of the worker share it, so commands issued while others are in
+ * flight are pipelined.  One EVALSHA per request checks and counts all of
+ * its counters in the zone (see ngx_http_llmlimit_redis_lua.h).
+ *
+ * Connection states:
+ *
+ *   DOWN        no context; the worker timer reconnects with backoff;
+ *   CONNECTING  connect(2) in progress, AUTH, SELECT and SCRIPT LOAD
+ *               already queued behind it;
+ *   READY       the SCRIPT LOAD reply arrived: requests are sent.
+ *
+ * While CONNECTING the timer bounds the handshake.  Requests are queued
+ * while CONNECTING only if Redis was not known to be lost (the first
+ * connection of a worker), otherwise they fail at once and the zone's
+ * failure policy decides.
+ */
+
+
+#include <sys/ioctl.h>
+
+#include <hiredis/hiredis.h>
+#include <hiredis/async.h>
+
+#include <ngx_sha1.h>
+
+#include "ngx_http_llmlimit.h"
+#include "ngx_http_llmlimit_redis_lua.h"
+
+
+#define NGX_HTTP_LLMLIMIT_REDIS_DOWN        0
+#define NGX_HTTP_LLMLIMIT_REDIS_CONNECTING  1
+#define NGX_HTTP_LLMLIMIT_REDIS_READY       2
+
+#define NGX_HTTP_LLMLIMIT_REDIS_AUTH        1
+#define NGX_HTTP_LLMLIMIT_REDIS_SELECT      2
+#define NGX_HTTP_LLMLIMIT_REDIS_LOAD        3
+
+/* reconnect backoff, ms */
+#define NGX_HTTP_LLMLIMIT_REDIS_BACKOFF     100
+#define NGX_HTTP_LLMLIMIT_REDIS_BACKOFF_MAX 2000
+
+/* the handshake and a silent connection get at least this long, ms */
+#define NGX_HTTP_LLMLIMIT_REDIS_CONNECT     1000
+#define NGX_HTTP_LLMLIMIT_REDIS_STALL       2000
+
+/* requests waiting for replies on one connection, at most */
+#define NGX_HTTP_LLMLIMIT_REDIS_PENDING     4096
+
+/* reads of one readiness notification before yielding to other events */
+#define NGX_HTTP_LLMLIMIT_REDIS_READS       64
+
+#define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
+    (3 + 4 * NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+
+
+typedef struct ngx_http_llmlimit_redis_wait_s  ngx_http_llmlimit_redis_wait_t;
+
+
+struct ngx_http_llmlimit_redis_s {
+    /* configuration */
+    ngx_http_llmlimit_zone_t       *zone;
+    ngx_str_t                       addr;          /* as configured */
+    char                           *host;          /* numeric address */
+    char                           *path;          /* unix socket */
+    int                             port;
+    ngx_int_t                       db;            /* -1: none */
+    ngx_str_t                       password;
+    ngx_str_t                       prefix;
+    ngx_msec_t                      timeout;
+    ngx_str_t                       sha;           /* of the script */
+
+    /* per worker */
+    redisAsyncContext              *ac;
+    ngx_uint_t                      state;
+    ngx_pool_t                     *pool;
+    ngx_log_t                      *log;
+    ngx_event_t                     event;         /* reconnect, deadline */
+    ngx_msec_t                      backoff;
+    ngx_msec_t                      since;         /* last sign of life */
+    ngx_queue_t                     busy;          /* owed a reply */
+    ngx_queue_t                     free;
+    ngx_uint_t                      pending;
+
+    const char                    **argv;
+    size_t                         *argvlen;
+    u_char                         *buf;
+
+    u_char                          reason[128];
+
+    unsigned                        healthy:1;
+    unsigned                        exiting:1;
+};
+
+
+/* a request owed a reply; owned by hiredis until its callback runs */
+
+struct ngx_http_llmlimit_redis_wait_s {
+    ngx_http_llmlimit_redis_t      *redis;
+    ngx_http_request_t             *r;             /* NULL: nobody waits */
+    ngx_http_llmlimit_batch_t      *b;
+    ngx_pool_cleanup_t             *cln;
+    ngx_event_t                     timer;
+    ngx_queue_t                     queue;
+    unsigned                        eval:1;        /* resent with EVAL */
+};
+
+
+static ngx_int_t ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+static ngx_int_t ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_wait_t *w);
+static void ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
+    void *privdata);
+static ngx_int_t ngx_http_llmlimit_redis_result(
+    ngx_http_llmlimit_redis_t *redis, ngx_http_llmlimit_batch_t *b,
+    redisReply *reply);
+static void ngx_http_llmlimit_redis_timeout(ngx_event_t *ev);
+static void ngx_http_llmlimit_redis_cleanup(void *data);
+static void ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w);
+
+static void ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis);
+static void ngx_http_llmlimit_redis_connected(const redisAsyncContext *ac,
+    int status);
+static void ngx_http_llmlimit_redis_disconnected(const redisAsyncContext *ac,
+    int status);
+static void ngx_http_llmlimit_redis_handshake(redisAsyncContext *ac,
+    void *reply, void *privdata);
+static void ngx_http_llmlimit_redis_drop(ngx_http_llmlimit_redis_t *redis,
+    const char *reason);
+static void ngx_http_llmlimit_redis_gone(ngx_http_llmlimit_redis_t *redis,
+    const char *reason);
+static void ngx_http_llmlimit_redis_schedule(ngx_http_llmlimit_redis_t *redis);
+static void ngx_http_llmlimit_redis_timer(ngx_event_t *ev);
+static void ngx_http_llmlimit_redis_fail(ngx_http_llmlimit_redis_t *redis,
+    const char *reason);
+static void ngx_http_llmlimit_redis_ok(ngx_http_llmlimit_redis_t *redis);
+static void ngx_http_llmlimit_redis_error(ngx_http_llmlimit_redis_t *redis,
+    const char *what, redisReply *reply);
+static ngx_uint_t ngx_http_llmlimit_redis_quitting(
+    ngx_http_llmlimit_redis_t *redis);
+
+static void ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev);
+static void ngx_http_llmlimit_redis_write_handler(ngx_event_t *wev);
+static void ngx_http_llmlimit_redis_add_read(void *data);
+static void ngx_http_llmlimit_redis_del_read(void *data);
+static void ngx_http_llmlimit_redis_add_write(void *data);
+static void ngx_http_llmlimit_redis_del_write(void *data);
+static void ngx_http_llmlimit_redis_add_event(ngx_event_t *ev,
+    ngx_int_t event);
+static void ngx_http_llmlimit_redis_del_event(ngx_event_t *ev,
+    ngx_int_t event);
+static void ngx_http_llmlimit_redis_free_connection(void *data);
+
+
+ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
+    ngx_http_llmlimit_redis_check
+};
+
+
+/* the request path */
+
+static ngx_int_t
+ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    ngx_queue_t                     *q;
+    ngx_pool_cleanup_t              *cln;
+    ngx_http_llmlimit_redis_t       *redis;
+    ngx_http_llmlimit_redis_wait_t  *w;
+
+    redis = b->zone->redis;
+
+    if (redis == NULL || redis->ac == NULL || b->n == 0
+        || b->n > NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+    {
+        return NGX_ERROR;
+    }
+
+    if (redis->state != NGX_HTTP_LLMLIMIT_REDIS_READY && !redis->healthy) {
+        return NGX_ERROR;
+    }
+
+    if (redis->pending >= NGX_HTTP_LLMLIMIT_REDIS_PENDING) {
+        ngx_http_llmlimit_redis_fail(redis, "too many requests waiting");
+        return NGX_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (!ngx_queue_empty(&redis->free)) {
+        q = ngx_queue_head(&redis->free);
+        ngx_queue_remove(q);
+        w = ngx_queue_data(q, ngx_http_llmlimit_redis_wait_t, queue);
+
+    } else {
+        w = ngx_pcalloc(redis->pool, sizeof(ngx_http_llmlimit_redis_wait_t));
+        if (w == NULL) {
+            return NGX_ERROR;
+        }
+
+        w->redis = redis;
+        w->timer.handler = ngx_http_llmlimit_redis_timeout;
+        w->timer.data = w;
+    }
+
+    w->r = r;
+    w->b = b;
+    w->cln = cln;
+    w->eval = 0;
+
+    if (ngx_http_llmlimit_redis_send(redis, w) != NGX_OK) {
+        w->r = NULL;
+        ngx_queue_insert_head(&redis->free, &w->queue);
+        return NGX_ERROR;
+    }
+
+    ngx_queue_insert_tail(&redis->busy, &w->queue);
+
+    if (redis->pending++ == 0) {
+        redis->since = ngx_current_msec;
+    }
+
+    cln->handler = ngx_http_llmlimit_redis_cleanup;
+    cln->data = w;
+
+    w->timer.log = r->connection->log;
+    ngx_add_timer(&w->timer, redis->timeout);
+
+    b->data = w;
+
+    return NGX_AGAIN;
+}
+
+
+/*
+ * EVALSHA sha n key... (algorithm period count)... or, after NOSCRIPT,
+ * the same with EVAL and the script.  Keys are
+ * PREFIX{hex of the counter's hash}:PERIOD: one budget's counters share
+ * a hash slot, and no identity appears in clear.
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_wait_t *w)
+{
+    int                           argc;
+    u_char                       *p, *start;
+    size_t                       *argvlen;
+    ngx_uint_t                    i, n;
+    const char                  **argv;
+    ngx_http_llmlimit_counter_t  *c;
+
+    n = w->b->n;
+    argv = redis->argv;
+    argvlen = redis->argvlen;
+    p = redis->buf;
+
+    if (w->eval) {
+        argv[0] = "EVAL";
+        argvlen[0] = 4;
+        argv[1] = ngx_http_llmlimit_redis_lua;
+        argvlen[1] = sizeof(ngx_http_llmlimit_redis_lua) - 1;
+
+    } else {
+        argv[0] = "EVALSHA";
+        argvlen[0] = 7;
+        argv[1] = (const char *) redis->sha.data;
+        argvlen[1] = redis->sha.len;
+    }
+
+    start = p;
+    p = ngx_sprintf(p, "%ui", n);
+    argv[2] = (const char *) start;
+    argvlen[2] = p - start;
+
+    argc = 3;
+
+    for (i = 0; i < n; i++) {
+        c = &w->b->counters[i];
+
+        start = p;
+        p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
+        *p++ = '{';
+        p = ngx_hex_dump(p, c->hash, 16);
+        p = ngx_sprintf(p, "}:%M", c->period);
+
+        argv[argc] = (const char *) start;
+        argvlen[argc++] = p - start;
+    }
+
+    for (i = 0; i < n; i++) {
+        c = &w->b->counters[i];
+
+        start = p;
+        p = ngx_sprintf(p, "%ui", c->algorithm);
+        argv[argc] = (const char *) start;
+        argvlen[argc++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%M", c->period);
+        argv[argc] = (const char *) start;
+        argvlen[argc++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%ui", c->count);
+        argv[argc] = (const char *) start;
+        argvlen[argc++] = p - start;
+    }
+
+    if (redisAsyncCommandArgv(redis->ac, ngx_http_llmlimit_redis_reply, w,
+                              argc, argv, argvlen)
+        != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
+    void *privdata)
+{
+    ngx_http_llmlimit_redis_wait_t *w = privdata;
+
+    ngx_int_t                   rc;
+    redisReply                 *rp;
+    ngx_http_request_t         *r;
+    ngx_http_llmlimit_batch_t  *b;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = w->redis;
+    rp = reply;
+    r = w->r;
+    b = w->b;
+
+    if (rp == NULL) {
+
+        /* the context is being freed */
+
+        if (redis->ac == ac) {
+            redis->state = NGX_HTTP_LLMLIMIT_REDIS_DOWN;
+        }
+
+        ngx_http_llmlimit_redis_release(w);
+
+        if (r == NULL) {
+            return;
+        }
+
+        ngx_http_llmlimit_redis_fail(redis, "connection closed");
+
+        b->rc = NGX_ERROR;
+        b->done(r, b);
+        return;
+    }
+
+    redis->since = ngx_current_msec;
+
+    if (r == NULL) {
+        /* late, or the request is gone */
+        ngx_http_llmlimit_redis_release(w);
+        return;
+    }
+
+    if (rp->type == REDIS_REPLY_ERROR && !w->eval
+        && rp->len >= 8 && ngx_strncmp(rp->str, "NOSCRIPT", 8) == 0)
+    {
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "llmlimit redis NOSCRIPT, sending the script");
+
+        w->eval = 1;
+
+        if (ngx_http_llmlimit_redis_send(redis, w) == NGX_OK) {
+            return;
+        }
+
+        rc = NGX_ERROR;
+        ngx_http_llmlimit_redis_fail(redis, "cannot send EVAL");
+
+    } else {
+        rc = ngx_http_llmlimit_redis_result(redis, b, rp);
+    }
+
+    ngx_http_llmlimit_redis_release(w);
+
+    if (rc != NGX_ERROR) {
+        ngx_http_llmlimit_redis_ok(redis);
+    }
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "llmlimit redis reply: %i", rc);
+
+    b->rc = rc;
+    b->done(r, b);
+}
+
+
+/* validates the whole reply before it touches a counter */
+
+static ngx_int_t
+ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_batch_t *b, redisReply *reply)
+{
+    long long                     v, max;
+    ngx_uint_t                    i, j, rejected;
+    redisReply                  **e;
+    ngx_http_llmlimit_counter_t  *c;
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        ngx_http_llmlimit_redis_error(redis, "error reply", reply);
+        return NGX_ERROR;
+    }
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 1 + 4 * b->n) {
+        ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
+        return NGX_ERROR;
+    }
+
+    e = reply->element;
+
+    for (i = 0; i < reply->elements; i++) {
+        if (e[i] == NULL || e[i]->type != REDIS_REPLY_INTEGER) {
+            ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
+            return NGX_ERROR;
+        }
+    }
+
+    rejected = 0;
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+        max = 2 * (long long) c->period + 1000;
+
+        for (j = 1; j <= 4; j++) {
+            v = e[4 * i + j]->integer;
+
+            if (v < 0
+                || (j == 1 && v > 1)
+                || (j == 2 && v > (long long) c->count)
+                || (j >= 3 && v > max))
+            {
+                ngx_http_llmlimit_redis_fail(redis, "reply out of range");
+                return NGX_ERROR;
+            }
+        }
+
+        rejected |= e[4 * i + 1]->integer;
+    }
+
+    if (e[0]->integer != (long long) rejected) {
+        ngx_http_llmlimit_redis_fail(redis, "inconsistent reply");
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+
+        c->rejected = e[4 * i + 1]->integer ? 1 : 0;
+        c->remaining = (ngx_uint_t) e[4 * i + 2]->integer;
+        c->reset = (ngx_msec_t) e[4 * i + 3]->integer;
+        c->retry = (ngx_msec_t) e[4 * i + 4]->integer;
+    }
+
+    return rejected ? NGX_BUSY : NGX_OK;
+}
+
+
+static void
+ngx_http_llmlimit_redis_timeout(ngx_event_t *ev)
+{
+    ngx_http_llmlimit_redis_wait_t *w = ev->data;
+
+    ngx_http_request_t         *r;
+    ngx_http_llmlimit_batch_t  *b;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = w->redis;
+    r = w->r;
+    b = w->b;
+
+    /* hiredis still owns w: the late reply finds w->r == NULL */
+
+    w->r = NULL;
+    w->cln->handler = NULL;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "llmlimit redis timed out");
+
+    ngx_http_llmlimit_redis_fail(redis, "timed out");
+
+    b->rc = NGX_ERROR;
+    b->done(r, b);
+
+    /* no reply at all for long: the connection is dead, reconnect */
+
+    if (redis->ac != NULL && redis->pending
+        && ngx_current_msec - redis->since
+           >= ngx_max(20 * redis->timeout, NGX_HTTP_LLMLIMIT_REDIS_STALL))
+    {
+        ngx_http_llmlimit_redis_drop(redis, "no reply");
+    }
+}
+
+
+/* the request is freed while a reply is owed */
+
+static void
+ngx_http_llmlimit_redis_cleanup(void *data)
+{
+    ngx_http_llmlimit_redis_wait_t *w = data;
+
+    if (w->timer.timer_set) {
+        ngx_del_timer(&w->timer);
+    }
+
+    w->r = NULL;
+}
+
+
+/* hiredis is done with w */
+
+static void
+ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w)
+{
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = w->redis;
+
+    if (w->r != NULL) {
+        w->cln->handler = NULL;
+        w->r = NULL;
+    }
+
+    if (w->timer.timer_set) {
+        ngx_del_timer(&w->timer);
+    }
+
+    w->b = NULL;
+    w->cln = NULL;
+
+    ngx_queue_remove(&w->queue);
+    ngx_queue_insert_head(&redis->free, &w->queue);
+
+    redis->pending--;
+}
+
+
+/* the connection */
+
+static void
+ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
+{
+    const char         *argv[3];
+    size_t              argvlen[3];
+    ngx_connection_t   *c;
+    redisAsyncContext  *ac;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis connect %V", &redis->addr);
+
+    if (redis->path) {
+        ac = redisAsyncConnectUnix(redis->path);
+
+    } else {
+        ac = redisAsyncConnect(redis->host, redis->port);
+    }
+
+    if (ac == NULL) {
+        ngx_http_llmlimit_redis_gone(redis, "cannot allocate a context");
+        return;
+    }
+
+    if (ac->err) {
+        ngx_http_llmlimit_redis_gone(redis, ac->errstr);
+        redisAsyncFree(ac);
+        return;
+    }
+
+    c = ngx_get_connection(ac->c.fd, redis->log);
+    if (c == NULL) {
+        ngx_http_llmlimit_redis_gone(redis, "no free connection");
+        redisAsyncFree(ac);
+        return;
+    }
+
+    c->data = ac;
+    c->read->handler = ngx_http_llmlimit_redis_read_handler;
+    c->write->handler = ngx_http_llmlimit_redis_write_handler;
+    c->read->log = c->log;
+    c->write->log = c->log;
+
+    ac->data = redis;
+    ac->ev.data = c;
+    ac->ev.addRead = ngx_http_llmlimit_redis_add_read;
+    ac->ev.delRead = ngx_http_llmlimit_redis_del_read;
+    ac->ev.addWrite = ngx_http_llmlimit_redis_add_write;
+    ac->ev.delWrite = ngx_http_llmlimit_redis_del_write;
+    ac->ev.cleanup = ngx_http_llmlimit_redis_free_connection;
+
+    redis->ac = ac;
+    redis->state = NGX_HTTP_LLMLIMIT_REDIS_CONNECTING;
+
+    redisAsyncSetConnectCallback(ac, ngx_http_llmlimit_redis_connected);
+    redisAsyncSetDisconnectCallback(ac, ngx_http_llmlimit_redis_disconnected);
+
+    /* the handshake goes out first, before any request's command */
+
+    if (redis->password.len) {
+        argv[0] = "AUTH";
+        argvlen[0] = 4;
+        argv[1] = (const char *) redis->password.data;
+        argvlen[1] = redis->password.len;
+
+        if (redisAsyncCommandArgv(ac, ngx_http_llmlimit_redis_handshake,
+                                  (void *) NGX_HTTP_LLMLIMIT_REDIS_AUTH,
+                                  2, argv, argvlen)
+            != REDIS_OK)
+        {
+            goto failed;
+        }
+    }
+
+    if (redis->db >= 0) {
+        argv[0] = "SELECT";
+        argvlen[0] = 6;
+        argv[1] = (const char *) redis->buf;
+        argvlen[1] = ngx_sprintf(redis->buf, "%i", redis->db) - redis->buf;
+
+        if (redisAsyncCommandArgv(ac, ngx_http_llmlimit_redis_handshake,
+                                  (void *) NGX_HTTP_LLMLIMIT_REDIS_SELECT,
+                                  2, argv, argvlen)
+            != REDIS_OK)
+        {
+            goto failed;
+        }
+    }
+
+    argv[0] = "SCRIPT";
+    argvlen[0] = 6;
+    argv[1] = "LOAD";
+    argvlen[1] = 4;
+    argv[2] = ngx_http_llmlimit_redis_lua;
+    argvlen[2] = sizeof(ngx_http_llmlimit_redis_lua) - 1;
+
+    if (redisAsyncCommandArgv(ac, ngx_http_llmlimit_redis_handshake,
+                              (void *) NGX_HTTP_LLMLIMIT_REDIS_LOAD,
+                              3, argv, argvlen)
+        != REDIS_OK)
+    {
+        goto failed;
+    }
+
+    ngx_add_timer(&redis->event, ngx_max(10 * redis->timeout,
+                                         NGX_HTTP_LLMLIMIT_REDIS_CONNECT));
+    return;
+
+failed:
+
+    ngx_http_llmlimit_redis_drop(redis, "cannot queue the handshake");
+}
+
+
+static void
+ngx_http_llmlimit_redis_connected(const redisAsyncContext *ac, int status)
+{
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = ac->data;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis %V connected: %d", &redis->addr, status);
+
+    if (status != REDIS_OK && redis->ac == ac) {
+        /* hiredis frees the context next; the cleanup hook reports */
+        redis->state = NGX_HTTP_LLMLIMIT_REDIS_DOWN;
+    }
+}
+
+
+static void
+ngx_http_llmlimit_redis_disconnected(const redisAsyncContext *ac, int status)
+{
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = ac->data;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis %V disconnected: %d", &redis->addr, status);
+}
+
+
+static void
+ngx_http_llmlimit_redis_handshake(redisAsyncContext *ac, void *reply,
+    void *privdata)
+{
+    ngx_uint_t                  step;
+    redisReply                 *rp;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = ac->data;
+    rp = reply;
+    step = (ngx_uint_t) (uintptr_t) privdata;
+
+    if (rp == NULL || redis->ac != ac) {
+        return;
+    }
+
+    redis->since = ngx_current_msec;
+
+    switch (step) {
+
+    case NGX_HTTP_LLMLIMIT_REDIS_AUTH:
+    case NGX_HTTP_LLMLIMIT_REDIS_SELECT:
+        if (rp->type == REDIS_REPLY_STATUS && rp->len == 2
+            && ngx_strncmp(rp->str, "OK", 2) == 0)
+        {
+            return;
+        }
+
+        ngx_http_llmlimit_redis_error(redis,
+                                      step == NGX_HTTP_LLMLIMIT_REDIS_AUTH
+                                      ? "AUTH failed" : "SELECT failed",
+                                      rp);
+        break;
+
+    default: /* NGX_HTTP_LLMLIMIT_REDIS_LOAD */
+        if (rp->type == REDIS_REPLY_STRING && rp->len == redis->sha.len
+            && ngx_strncasecmp((u_char *) rp->str, redis->sha.data,
+                               redis->sha.len)
+               == 0)
+        {
+            redis->state = NGX_HTTP_LLMLIMIT_REDIS_READY;
+            redis->backoff = 0;
+
+            if (redis->event.timer_set) {
+                ngx_del_timer(&redis->event);
+            }
+
+            ngx_http_llmlimit_redis_ok(redis);
+            return;
+        }
+
+        ngx_http_llmlimit_redis_error(redis, "SCRIPT LOAD failed", rp);
+        break;
+    }
+
+    /* the failure is logged: do not report it again when dropping */
+
+    ngx_http_llmlimit_redis_drop(redis, NULL);
+}
+
+
+/* closes the connection; hiredis calls the pending callbacks first */
+
+static void
+ngx_http_llmlimit_redis_drop(ngx_http_llmlimit_redis_t *redis,
+    const char *reason)
+{
+    if (redis->ac == NULL) {
+        return;
+    }
+
+    if (reason) {
+        ngx_cpystrn(redis->reason, (u_char *) reason, sizeof(redis->reason));
+
+    } else {
+        redis->reason[0] = '\0';
+        redis->healthy = 0;
+    }
+
+    redis->state = NGX_HTTP_LLMLIMIT_REDIS_DOWN;
+
+    /* inside a hiredis callback this is deferred until it returns */
+    redisAsyncFree(redis->ac);
+}
+
+
+/* the context is gone (or never was): report and reconnect later */
+
+static void
+ngx_http_llmlimit_redis_gone(ngx_http_llmlimit_redis_t *redis,
+    const char *reason)
+{
+    redis->ac = NULL;
+    redis->state = NGX_HTTP_LLMLIMIT_REDIS_DOWN;
+
+    if (ngx_http_llmlimit_redis_quitting(redis)) {
+        return;
+    }
+
+    ngx_http_llmlimit_redis_fail(redis, reason);
+    ngx_http_llmlimit_redis_schedule(redis);
+}
+
+
+static void
+ngx_http_llmlimit_redis_schedule(ngx_http_llmlimit_redis_t *redis)
+{
+    if (redis->backoff == 0) {
+        redis->backoff = NGX_HTTP_LLMLIMIT_REDIS_BACKOFF;
+
+    } else {
+        redis->backoff = ngx_min(2 * redis->backoff,
+                                 NGX_HTTP_LLMLIMIT_REDIS_BACKOFF_MAX);
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis %V: reconnect in %M ms",
+                   &redis->addr, redis->backoff);
+
+    ngx_add_timer(&redis->event, redis->backoff);
+}
+
+
+/* reconnects, or gives up on a handshake that takes too long */
+
+static void
+ngx_http_llmlimit_redis_timer(ngx_event_t *ev)
+{
+    ngx_http_llmlimit_redis_t  *redis = ev->data;
+
+    if (ngx_http_llmlimit_redis_quitting(redis)) {
+        return;
+    }
+
+    if (redis->ac) {
+        ngx_http_llmlimit_redis_drop(redis, "connect timed out");
+        return;
+    }
+
+    ngx_http_llmlimit_redis_connect(redis);
+}
+
+
+/* "lost" and "back" are logged once per change of state */
+
+static void
+ngx_http_llmlimit_redis_fail(ngx_http_llmlimit_redis_t *redis,
+    const char *reason)
+{
+    if (!redis->healthy) {
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                       "llmlimit redis %V: %s", &redis->addr, reason);
+        return;
+    }
+
+    redis->healthy = 0;
+
+    ngx_log_error(NGX_LOG_ERR, redis->log, 0,
+                  "llmlimit zone \"%V\": redis %V lost: %s",
+                  &redis->zone->name, &redis->addr, reason);
+}
+
+
+static void
+ngx_http_llmlimit_redis_ok(ngx_http_llmlimit_redis_t *redis)
+{
+    if (redis->healthy) {
+        return;
+    }
+
+    redis->healthy = 1;
+
+    ngx_log_error(NGX_LOG_NOTICE, redis->log, 0,
+                  "llmlimit zone \"%V\": redis %V back",
+                  &redis->zone->name, &redis->addr);
+}
+
+
+static void
+ngx_http_llmlimit_redis_error(ngx_http_llmlimit_redis_t *redis,
+    const char *what, redisReply *reply)
+{
+    u_char  *p, *last;
+    u_char   buf[128];
+
+    last = buf + sizeof(buf) - 1;
+    p = ngx_slprintf(buf, last, "%s", what);
+
+    if (reply->type == REDIS_REPLY_ERROR || reply->type == REDIS_REPLY_STATUS)
+    {
+        p = ngx_slprintf(p, last, ": %*s",
+                         ngx_min(reply->len, 96), reply->str);
+
+    } else {
+        p = ngx_slprintf(p, last, ": unexpected reply type %d", reply->type);
+    }
+
+    *p = '\0';
+
+    ngx_http_llmlimit_redis_fail(redis, (const char *) buf);
+}
+
+
+static ngx_uint_t
+ngx_http_llmlimit_redis_quitting(ngx_http_llmlimit_redis_t *redis)
+{
+    return redis->exiting || ngx_exiting || ngx_quit || ngx_terminate;
+}
+
+
+/* the hiredis adapter */
+
+static void
+ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev)
+{
+    int                         n;
+    ngx_uint_t                  i;
+    ngx_connection_t           *c;
+    redisAsyncContext          *ac;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    c = rev->data;
+    ac = c->data;
+    redis = ac->data;
+
+    if (c->close) {
+        /* worker_shutdown_timeout */
+        redis->exiting = 1;
+        ngx_http_llmlimit_redis_drop(redis, "closing");
+        return;
+    }
+
+    /*
+     * hiredis reads at most 16K per call, and an edge-triggered event
+     * does not fire again for what is left: read until the socket is empty
+     */
+
+    for (i = 0; i < NGX_HTTP_LLMLIMIT_REDIS_READS; i++) {
+
+        redisAsyncHandleRead(ac);
+
+        if (redis->ac != ac) {
+            /* freed, c too */
+            return;
+        }
+
+        if (ioctl(c->fd, FIONREAD, &n) == -1 || n <= 0) {
+            return;
+        }
+    }
+
+    ngx_post_event(rev, &ngx_posted_events);
+}
+
+
+static void
+ngx_http_llmlimit_redis_write_handler(ngx_event_t *wev)
+{
+    ngx_connection_t  *c;
+
+    c = wev->data;
+
+    redisAsyncHandleWrite(c->data);
+}
+
+
+static void
+ngx_http_llmlimit_redis_add_read(void *data)
+{
+    ngx_connection_t  *c = data;
+
+    ngx_http_llmlimit_redis_add_event(c->read, NGX_READ_EVENT);
+}
+
+
+static void
+ngx_http_llmlimit_redis_del_read(void *data)
+{
+    ngx_connection_t  *c = data;
+
+    ngx_http_llmlimit_redis_del_event(c->read, NGX_READ_EVENT);
+}
+
+
+static void
+ngx_http_llmlimit_redis_add_write(void *data)
+{
+    ngx_connection_t  *c = data;
+
+    ngx_http_llmlimit_redis_add_event(c->write, NGX_WRITE_EVENT);
+}
+
+
+static void
+ngx_http_llmlimit_redis_del_write(void *data)
+{
+    ngx_connection_t  *c = data;
+
+    ngx_http_llmlimit_redis_del_event(c->write, NGX_WRITE_EVENT);
+}
+
+
+/*
+ * Commands queued while the write event is armed go out together when it
+ * fires; a newly armed edge-triggered event fires at once if the socket
+ * is writable.
+ */
+
+static void
+ngx_http_llmlimit_redis_add_event(ngx_event_t *ev, ngx_int_t event)
+{
+    ngx_uint_t  flags;
+
+    if (ev->active) {
+        return;
+    }
+
+    flags = (ngx_event_flags & NGX_USE_CLEAR_EVENT) ? NGX_CLEAR_EVENT
+                                                    : NGX_LEVEL_EVENT;
+
+    if (ngx_add_event(ev, event, flags) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ALERT, ev->log, 0,
+                      "llmlimit redis: cannot add an event");
+    }
+}
+
+
+static void
+ngx_http_llmlimit_redis_del_event(ngx_event_t *ev, ngx_int_t event)
+{
+    ngx_uint_t  flags;
+
+    if (!ev->active) {
+        return;
+    }
+
+    /* the other event, if active, stays edge-triggered */
+
+    flags = (ngx_event_flags & NGX_USE_CLEAR_EVENT) ? NGX_CLEAR_EVENT
+                                                    : NGX_LEVEL_EVENT;
+
+    if (ngx_del_event(ev, event, flags) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ALERT, ev->log, 0,
+                      "llmlimit redis: cannot delete an event");
+    }
+}
+
+
+/*
+ * hiredis frees the context: the socket is hiredis', so only the events
+ * and the connection structure are released here, never closed.
+ */
+
+static void
+ngx_http_llmlimit_redis_free_connection(void *data)
+{
+    ngx_connection_t *c = data;
+
+    const char                 *reason;
+    redisAsyncContext          *ac;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    ac = c->data;
+    redis = ac->data;
+
+    ac->ev.data = NULL;
+    ac->ev.addRead = NULL;
+    ac->ev.delRead = NULL;
+    ac->ev.addWrite = NULL;
+    ac->ev.delWrite = NULL;
+    ac->ev.cleanup = NULL;
+
+    if (ngx_del_conn) {
+        ngx_del_conn(c, NGX_CLOSE_EVENT);
+
+    } else {
+        if (c->read->active || c->read->disabled) {
+            ngx_del_event(c->read, NGX_READ_EVENT, NGX_CLOSE_EVENT);
+        }
+
+        if (c->write->active || c->write->disabled) {
+            ngx_del_event(c->write, NGX_WRITE_EVENT, NGX_CLOSE_EVENT);
+        }
+    }
+
+    if (c->read->posted) {
+        ngx_delete_posted_event(c->read);
+    }
+
+    if (c->write->posted) {
+        ngx_delete_posted_event(c->write);
+    }
+
+    c->read->closed = 1;
+    c->write->closed = 1;
+
+    ngx_free_connection(c);
+
+    c->fd = (ngx_socket_t) -1;
+
+    if (redis->ac != ac) {
+        return;
+    }
+
+    if (redis->reason[0]) {
+        reason = (const char *) redis->reason;
+
+    } else if (ac->err) {
+        reason = ac->errstr;
+
+    } else {
+        reason = "connection closed";
+    }
+
+    ngx_http_llmlimit_redis_gone(redis, reason);
+
+    redis->reason[0] = '\0';
+}
+
+
+/* configuration */
+
+char *
+ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
+    ngx_str_t *value)
+{
+    u_char                     *p;
+    ngx_str_t                   s;
+    ngx_url_t                   u;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = zone->redis;
+
+    if (redis == NULL) {
+        redis = ngx_pcalloc(cf->pool, sizeof(ngx_http_llmlimit_redis_t));
+        if (redis == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        redis->zone = zone;
+        redis->db = NGX_CONF_UNSET;
+        redis->timeout = NGX_CONF_UNSET_MSEC;
+
+        zone->redis = redis;
+    }
+
+    if (ngx_strncmp(value->data, "redis=", 6) == 0) {
+
+        if (redis->addr.data) {
+            goto duplicate;
+        }
+
+        s.data = value->data + 6;
+        s.len = value->len - 6;
+
+        if (s.len == 0) {
+            goto invalid;
+        }
+
+        redis->addr = s;
+
+        if (s.len > 5 && ngx_strncasecmp(s.data, (u_char *) "unix:", 5) == 0) {
+            if (s.len - 5 >= sizeof(((struct sockaddr_un *) 0)->sun_path)) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "unix socket path too long in \"%V\"",
+                                   value);
+                return NGX_CONF_ERROR;
+            }
+
+            redis->path = ngx_pnalloc(cf->pool, s.len - 5 + 1);
+            if (redis->path == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            ngx_cpystrn((u_char *) redis->path, s.data + 5, s.len - 5 + 1);
+
+            return NGX_CONF_OK;
+        }
+
+        ngx_memzero(&u, sizeof(ngx_url_t));
+
+        u.url = s;
+        u.default_port = 6379;
+
+        if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
+            if (u.err) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "%s in \"%V\"", u.err, value);
+            }
+
+            return NGX_CONF_ERROR;
+        }
+
+        if (u.family == AF_UNIX || u.uri.len || u.naddrs == 0) {
+            goto invalid;
+        }
+
+        redis->host = ngx_pnalloc(cf->pool, NGX_SOCKADDR_STRLEN + 1);
+        if (redis->host == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        p = (u_char *) redis->host;
+        p += ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen, p,
+                           NGX_SOCKADDR_STRLEN, 0);
+        *p = '\0';
+
+        redis->port = ngx_inet_get_port(u.addrs[0].sockaddr);
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "redis_db=", 9) == 0) {
+
+        if (redis->db != NGX_CONF_UNSET) {
+            goto duplicate;
+        }
+
+        redis->db = ngx_atoi(value->data + 9, value->len - 9);
+        if (redis->db == NGX_ERROR) {
+            goto invalid;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "redis_password=", 15) == 0) {
+
+        if (redis->password.data) {
+            goto duplicate;
+        }
+
+        redis->password.data = value->data + 15;
+        redis->password.len = value->len - 15;
+
+        if (redis->password.len == 0) {
+            goto invalid;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "redis_timeout=", 14) == 0) {
+
+        if (redis->timeout != NGX_CONF_UNSET_MSEC) {
+            goto duplicate;
+        }
+
+        s.data = value->data + 14;
+        s.len = value->len - 14;
+
+        redis->timeout = ngx_parse_time(&s, 0);
+        if (redis->timeout == (ngx_msec_t) NGX_ERROR || redis->timeout == 0) {
+            goto invalid;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "redis_prefix=", 13) == 0) {
+
+        if (redis->prefix.data) {
+            goto duplicate;
+        }
+
+        redis->prefix.data = value->data + 13;
+        redis->prefix.len = value->len - 13;
+
+        /* the hash tag must be the first braces of a key */
+
+        if (ngx_strlchr(redis->prefix.data,
+                        redis->prefix.data + redis->prefix.len, '{')
+            || ngx_strlchr(redis->prefix.data,
+                           redis->prefix.data + redis->prefix.len, '}'))
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "braces are not allowed in \"%V\"", value);
+            return NGX_CONF_ERROR;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "redis_failure=", 14) == 0) {
+
+        s.data = value->data + 14;
+        s.len = value->len - 14;
+
+        if (s.len == 5 && ngx_strncmp(s.data, "local", 5) == 0) {
+            zone->failure = NGX_HTTP_LLMLIMIT_FAIL_LOCAL;
+
+        } else if (s.len == 4 && ngx_strncmp(s.data, "open", 4) == 0) {
+            zone->failure = NGX_HTTP_LLMLIMIT_FAIL_OPEN;
+
+        } else if (s.len == 6 && ngx_strncmp(s.data, "closed", 6) == 0) {
+            zone->failure = NGX_HTTP_LLMLIMIT_FAIL_CLOSED;
+
+        } else {
+            goto invalid;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", value);
+    return NGX_CONF_ERROR;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid value \"%V\"", value);
+    return NGX_CONF_ERROR;
+
+duplicate:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "duplicate parameter \"%V\"", value);
+    return NGX_CONF_ERROR;
+}
+
+
+char *
+ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    u_char                      digest[20];
+    ngx_sha1_t                  sha1;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = zone->redis;
+
+    if (redis == NULL) {
+        return NGX_CONF_OK;
+    }
+
+    if (redis->addr.data == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "redis parameters of zone \"%V\" "
+                           "require \"redis=\"", &zone->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (redis->timeout == NGX_CONF_UNSET_MSEC) {
+        redis->timeout = 50;
+    }
+
+    if (redis->prefix.data == NULL) {
+        ngx_str_set(&redis->prefix, "llmlimit:");
+    }
+
+    redis->sha.data = ngx_pnalloc(cf->pool, 40);
+    if (redis->sha.data == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_sha1_init(&sha1);
+    ngx_sha1_update(&sha1, ngx_http_llmlimit_redis_lua,
+                    sizeof(ngx_http_llmlimit_redis_lua) - 1);
+    ngx_sha1_final(digest, &sha1);
+
+    redis->sha.len = ngx_hex_dump(redis->sha.data, digest, 20)
+                     - redis->sha.data;
+
+    return NGX_CONF_OK;
+}
+
+
+/* the worker */
+
+ngx_int_t
+ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    size_t                      size;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = zone->redis;
+
+    if (redis == NULL
+        || (ngx_process != NGX_PROCESS_WORKER
+            && ngx_process != NGX_PROCESS_SINGLE))
+    {
+        return NGX_OK;
+    }
+
+    redis->log = cycle->log;
+
+    redis->pool = ngx_create_pool(4096, cycle->log);
+    if (redis->pool == NULL) {
+        return NGX_ERROR;
+    }
+
+    redis->argv = ngx_palloc(redis->pool,
+                             NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(char *));
+    redis->argvlen = ngx_palloc(redis->pool,
+                                NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(size_t));
+
+    /* a key and three numbers per counter, the number of keys */
+
+    size = NGX_HTTP_LLMLIMIT_MAX_COUNTERS
+           * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 4 * NGX_INT64_LEN)
+           + NGX_INT64_LEN;
+
+    redis->buf = ngx_pnalloc(redis->pool, size);
+
+    if (redis->argv == NULL || redis->argvlen == NULL || redis->buf == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_queue_init(&redis->busy);
+    ngx_queue_init(&redis->free);
+
+    redis->event.handler = ngx_http_llmlimit_redis_timer;
+    redis->event.data = redis;
+    redis->event.log = cycle->log;
+    redis->event.cancelable = 1;
+
+    redis->ac = NULL;
+    redis->state = NGX_HTTP_LLMLIMIT_REDIS_DOWN;
+    redis->pending = 0;
+    redis->backoff = 0;
+    redis->healthy = 1;
+    redis->exiting = 0;
+
+    ngx_http_llmlimit_redis_connect(redis);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    ngx_queue_t                     *q;
+    ngx_http_llmlimit_redis_t       *redis;
+    ngx_http_llmlimit_redis_wait_t  *w;
+
+    redis = zone->redis;
+
+    if (redis == NULL || redis->pool == NULL) {
+        return;
+    }
+
+    redis->exiting = 1;
+
+    if (redis->event.timer_set) {
+        ngx_del_timer(&redis->event);
+    }
+
+    /* requests still waiting are not resumed any more */
+
+    for (q = ngx_queue_head(&redis->busy);
+         q != ngx_queue_sentinel(&redis->busy);
+         q = ngx_queue_next(q))
+    {
+        w = ngx_queue_data(q, ngx_http_llmlimit_redis_wait_t, queue);
+
+        if (w->r) {
+            w->cln->handler = NULL;
+            w->r = NULL;
+        }
+
+        if (w->timer.timer_set) {
+            ngx_del_timer(&w->timer);
+        }
+    }
+
+    if (redis->ac) {
+        redisAsyncFree(redis->ac);
+        redis->ac = NULL;
+    }
+
+    ngx_destroy_pool(redis->pool);
+    redis->pool = NULL;
+}

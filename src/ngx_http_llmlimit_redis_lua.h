@@ -1,0 +1,170 @@
+
+/*
+ * Copyright (C) llmlimit developers
+ */
+
+
+#ifndef _NGX_HTTP_LLMLIMIT_REDIS_LUA_H_INCLUDED_
+#define _NGX_HTTP_LLMLIMIT_REDIS_LUA_H_INCLUDED_
+
+
+/*
+ * The Redis script: checks all counters of one request, then counts all
+ * of them or none.  It mirrors src/ngx_http_llmlimit_algo.c line by line;
+ * a change there must be made here too.
+ *
+ *   KEYS[i]                      the counter's key
+ *   ARGV[3i-2], ARGV[3i-1], ARGV[3i]
+ *                                algorithm (0 sliding, 1 fixed, 2 gcra),
+ *                                period (ms), count
+ *
+ * Returns { status, rejected_1, remaining_1, reset_1, retry_1, ... },
+ * status 1 when some counter is over its limit (nothing counted), else 0.
+ *
+ * State per key, a string "ALGORITHM T CUR PREV" (T: window start in ms,
+ * or the GCRA theoretical arrival time in microseconds), with a TTL at
+ * which it is worth no more than a fresh one.  Lua numbers are doubles:
+ * all values stay below 2^53 (counts below 2^29).
+ */
+
+static const char  ngx_http_llmlimit_redis_lua[] =
+"local floor, max, min = math.floor, math.max, math.min\n"
+"local tm = redis.call('TIME')\n"
+"local now = tonumber(tm[1]) * 1000 + floor(tonumber(tm[2]) / 1000)\n"
+"local n = #KEYS\n"
+"local states, cs, out = {}, {}, {0}\n"
+"\n"
+"local function unit(P)\n"
+"  local u = 1\n"
+"  while floor(P / u) >= 16777216 do u = u * 2 end\n"
+"  return u\n"
+"end\n"
+"\n"
+"local function load(key, a)\n"
+"  local s = states[key]\n"
+"  if s then return s end\n"
+"  s = {a = a, t = 0, cur = 0, prev = 0}\n"
+"  local v = redis.call('GET', key)\n"
+"  if v then\n"
+"    local va, t, cur, prev =\n"
+"      string.match(v, '^(%d+) (%-?%d+) (%d+) (%d+)$')\n"
+"    if va and tonumber(va) == a then\n"
+"      s.t, s.cur, s.prev = tonumber(t), tonumber(cur), tonumber(prev)\n"
+"    end\n"
+"  end\n"
+"  states[key] = s\n"
+"  return s\n"
+"end\n"
+"\n"
+"local function roll(s, a, P)\n"
+"  if a == 2 then return end\n"
+"  local w = now - now % P\n"
+"  if w == s.t then return end\n"
+"  if a == 0 and w - s.t == P then s.prev = s.cur else s.prev = 0 end\n"
+"  s.cur = 0\n"
+"  s.t = w\n"
+"end\n"
+"\n"
+"local function remaining(s, a, P, C)\n"
+"  local used\n"
+"  if a == 2 then\n"
+"    local T = floor((P * 1000 + C - 1) / C)\n"
+"    local tat = max(s.t, now * 1000)\n"
+"    used = floor((tat - now * 1000 + T - 1) / T)\n"
+"  elseif a == 1 then\n"
+"    used = s.cur\n"
+"  else\n"
+"    local u = unit(P)\n"
+"    local p = floor(P / u)\n"
+"    local e = min(floor((now - s.t) / u), p)\n"
+"    used = s.cur + floor((s.prev * (p - e) + p - 1) / p)\n"
+"  end\n"
+"  if used >= C then return 0 end\n"
+"  return C - used\n"
+"end\n"
+"\n"
+"local function wait(s, a, P, C, k)\n"
+"  if k > C then return 0 end\n"
+"  if a == 2 then\n"
+"    local T = floor((P * 1000 + C - 1) / C)\n"
+"    local tat = max(s.t, now * 1000)\n"
+"    local w = tat + (k - C) * T - now * 1000\n"
+"    if w <= 0 then return 0 end\n"
+"    return floor((w + 999) / 1000)\n"
+"  elseif a == 1 then\n"
+"    if s.cur + k <= C then return 0 end\n"
+"    return s.t + P - now\n"
+"  end\n"
+"  local u = unit(P)\n"
+"  local p = floor(P / u)\n"
+"  local e = min(floor((now - s.t) / u), p)\n"
+"  local w\n"
+"  if s.cur + k <= C then\n"
+"    if s.prev == 0 then return 0 end\n"
+"    w = p - floor((C - s.cur - k) * p / s.prev) - e\n"
+"    if w <= 0 then return 0 end\n"
+"  else\n"
+"    w = p - e + p - floor((C - k) * p / s.cur)\n"
+"  end\n"
+"  return w * u - (now - s.t) % u\n"
+"end\n"
+"\n"
+"for i = 1, n do\n"
+"  local a = tonumber(ARGV[3 * i - 2])\n"
+"  local P = tonumber(ARGV[3 * i - 1])\n"
+"  local C = tonumber(ARGV[3 * i])\n"
+"  local s = load(KEYS[i], a)\n"
+"  roll(s, a, P)\n"
+"  local r = remaining(s, a, P, C)\n"
+"  local rej, retry = 0, 0\n"
+"  if r < 1 then\n"
+"    rej, retry = 1, wait(s, a, P, C, 1)\n"
+"    out[1] = 1\n"
+"  end\n"
+"  cs[i] = {s = s, a = a, P = P, C = C}\n"
+"  out[4 * i - 2] = rej\n"
+"  out[4 * i - 1] = r\n"
+"  out[4 * i] = wait(s, a, P, C, r + 1)\n"
+"  out[4 * i + 1] = retry\n"
+"end\n"
+"\n"
+"if out[1] == 1 then return out end\n"
+"\n"
+"for i = 1, n do\n"
+"  local c = cs[i]\n"
+"  local s, a, P, C = c.s, c.a, c.P, c.C\n"
+"  if a == 2 then\n"
+"    local T = floor((P * 1000 + C - 1) / C)\n"
+"    s.t = max(s.t, now * 1000) + T\n"
+"  elseif s.cur < 4294967295 then\n"
+"    s.cur = s.cur + 1\n"
+"  end\n"
+"  local r = remaining(s, a, P, C)\n"
+"  out[4 * i - 1] = r\n"
+"  out[4 * i] = wait(s, a, P, C, r + 1)\n"
+"end\n"
+"\n"
+"local saved = {}\n"
+"for i = 1, n do\n"
+"  local key, c = KEYS[i], cs[i]\n"
+"  if not saved[key] then\n"
+"    saved[key] = true\n"
+"    local s, a, P = c.s, c.a, c.P\n"
+"    local e\n"
+"    if a == 2 then\n"
+"      e = floor((s.t + 999) / 1000)\n"
+"    elseif a == 1 then\n"
+"      e = s.t + P\n"
+"    else\n"
+"      e = s.t + 2 * P\n"
+"    end\n"
+"    redis.call('SET', key,\n"
+"      string.format('%d %.0f %.0f %.0f', a, s.t, s.cur, s.prev),\n"
+"      'PX', max(e - now, 1))\n"
+"  end\n"
+"end\n"
+"\n"
+"return out\n";
+
+
+#endif /* _NGX_HTTP_LLMLIMIT_REDIS_LUA_H_INCLUDED_ */
