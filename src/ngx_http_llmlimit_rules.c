@@ -93,8 +93,8 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
 {
     ngx_int_t                   *index;
     ngx_uint_t                   i, k;
-    ngx_http_variable_value_t   *vv;
     ngx_http_llmlimit_rule_t    *rules, *rl;
+    ngx_http_variable_value_t   *vv;
 #if (NGX_PCRE)
     ngx_int_t                    rc;
 #endif
@@ -821,8 +821,9 @@ ngx_http_llmlimit_parse_key(ngx_conf_t *cf, ngx_http_llmlimit_table_t *table,
 
         if (name.len == 0 || (name.data[0] >= '0' && name.data[0] <= '9')) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid variable in key \"%V\" "
-                               "of llmlimit rule", value);
+                               "invalid variable \"$%V\" in key \"%V\" "
+                               "of llmlimit rule, regex captures "
+                               "are not supported", &name, value);
             return NGX_CONF_ERROR;
         }
 
@@ -1012,6 +1013,13 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
 
         item.data = p;
         item.len = q - p;
+
+        if (item.len == 9 && ngx_strncmp(p, "unlimited", 9) == 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"unlimited\" cannot be combined with "
+                               "other limits in \"%V\"", spec);
+            return NGX_CONF_ERROR;
+        }
 
         slash = ngx_strlchr(p, q, '/');
 
