@@ -112,6 +112,13 @@ sub new {
               "$self->{prefix}/html", "$self->{prefix}/valgrind");
     chmod 0755, "$self->{prefix}/$_" for qw(logs temp html valgrind);
 
+    # static content for "try_files /ok.txt =404;" (a "return" runs in the
+    # rewrite phase, before the module's preaccess handler)
+    open my $fh, '>', "$self->{prefix}/html/ok.txt" or croak "ok.txt: $!";
+    print $fh "ok\n";
+    close $fh;
+    chmod 0644, "$self->{prefix}/html/ok.txt";
+
     $self->pick_ports;
     push @INSTANCES, $self;
 
@@ -196,7 +203,17 @@ http {
 
 $self->{http}
 
-    # the demo backend for proxy tests
+    # the built-in backend: "proxy_pass http://backend;" answers 200 to any
+    # method (a "return" in the tested location itself would run in the
+    # rewrite phase, before the module's preaccess handler)
+    upstream backend {
+        server     127.0.0.1:%%BACKEND_PORT%%;
+        keepalive  16;
+    }
+
+    proxy_http_version  1.1;
+    proxy_set_header    Connection "";
+
     server {
         listen       127.0.0.1:%%BACKEND_PORT%%;
         access_log   logs/backend.log;
@@ -884,6 +901,7 @@ sub run_step {
         last if @problems;
     }
 
+    local $Test::Builder::Level = $Test::Builder::Level + 2;
     ok(!@problems, $name) or diag(join("\n", @problems));
 }
 
