@@ -871,6 +871,7 @@ sub run_blocks {
 #   send    => { header => value } request headers (or headers =>)
 #   body    => request body
 #   from    => source address ('127.0.0.2'), a keep-alive connection each
+#   port    => another port of the instance: a number or 'PORT2'
 #   repeat  => N (default 1)
 #   status  => expected status (or [per-iteration list])
 #   headers => { name => 'exact' | qr/re/ | undef (absent) | [list] | sub }
@@ -888,7 +889,11 @@ sub run_step {
     sleep($s->{sleep} * ($s->{sleep_slow} ? $SLOW : 1)) if $s->{sleep};
     wait_window($s->{window}, start => 1) if $s->{window};
 
-    my $conn = $t->conn(from => $s->{from}, port => $s->{port});
+    # port: a number or a placeholder name such as 'PORT2'
+    my $port = $s->{port};
+    $port = $t->subst("%%$port%%") if defined $port && $port !~ /^\d+$/;
+
+    my $conn = $t->conn(from => $s->{from}, port => $port);
 
     my @problems;
 

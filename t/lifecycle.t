@@ -1,0 +1,190 @@
+#!/usr/bin/perl
+
+# Reload keeps the counters (and applies changed limits at once), a tiny
+# zone flooded with 100 000 identities keeps serving and logs the eviction,
+# a 6 KB API key, and no raw key in the error log.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::Bin/lib";
+
+use Test::More;
+use LLMLimit::Test;
+
+my $SERVER = q{
+    llmlimit t;
+
+    location / {
+        proxy_pass http://backend;
+    }
+};
+
+sub rules {
+    my ($limit, $size) = @_;
+    $size //= '1m';
+    return qq{
+        llmlimit_zone  z $size;
+        llmlimit_rules t zone=z {
+            "Cat"  *  *  \$http_x_api_key  $limit;
+        }
+    };
+}
+
+
+# --- reload -------------------------------------------------------------------
+
+{
+    my $t = LLMLimit::Test->new(http => rules('3/1h'), config => $SERVER,
+                                workers => 2)->start;
+
+    # the whole test inside one hour window
+    wait_window(3600, margin => 120);
+
+    my %k = (headers => { 'X-Api-Key' => uid() });
+
+    my @r = map { $t->req('GET /', %k) } 1 .. 2;
+    is_deeply([ map { $_->header('X-RateLimit-Remaining') } @r ], [2, 1],
+              'before reload: 2 of 3 used');
+
+    ok($t->reload(http => rules('3/1h')), 'reload, same configuration');
+
+    my $r = $t->req('GET /', %k);
+    is($r->status, 200, 'after reload: passes');
+    is($r->header('X-RateLimit-Remaining'), 0,
+       'after reload: the counter was kept');
+    is($t->req('GET /', %k)->status, 429, 'after reload: then 429');
+
+    ok($t->reload(http => rules('5/1h')), 'reload with a higher limit');
+
+    $r = $t->req('GET /', %k);
+    is($r->status, 200, 'the changed limit applies at once');
+    is($r->header('X-RateLimit-Limit'), 5, 'X-RateLimit-Limit 5');
+    is($r->header('X-RateLimit-Remaining'), 1,
+       'the counter kept its 3 requests: 5 - 4 = 1');
+
+    ok($t->reload(http => rules('5/1h', '2m')), 'reload with a new size');
+    is($t->req('GET /', headers => { 'X-Api-Key' => uid() })->status, 200,
+       'a resized zone serves');
+
+    ok($t->reload(http => rules('5/1h', '2m') . q{
+        llmlimit_zone  y 1m;
+    }), 'reload adding a zone');
+    is($t->req('GET /', headers => { 'X-Api-Key' => uid() })->status, 200,
+       'serves');
+
+    $t->stop(name => 'reload');
+}
+
+
+# --- a tiny zone flooded ---------------------------------------------------------
+
+{
+    my $t = LLMLimit::Test->new(
+        http => q{
+            llmlimit_zone  tiny 32k;
+            llmlimit_rules t zone=tiny {
+                "Flood"  *  *  $http_x_api_key  5/1h;
+            }
+        },
+        config => $SERVER,
+        workers => 2,
+    )->start;
+
+    my $n = valgrind() ? 4_000 : 100_000;
+    my $clients = 4;
+    my $tag = uid('flood');
+
+    my @res = parallel($clients, sub {
+        my ($i) = @_;
+        my $c = $t->conn;
+        my %s;
+        for my $j (1 .. $n / $clients) {
+            my $r = $c->req('GET /',
+                            headers => { 'X-Api-Key' => "$tag-$i-$j" });
+            $s{ $r->status }++;
+        }
+        return \%s;
+    });
+
+    my %total;
+    for my $s (@res) {
+        diag("client error: $s->{error}") if $s->{error};
+        $total{$_} += $s->{$_} for grep { $_ ne 'error' } keys %$s;
+    }
+
+    is($total{200} // 0, $n, "$n identities, each answered 200")
+        or diag(explain(\%total));
+
+    like($t->error_log, qr/\[warn\][^\n]*(evict|full)/i,
+         'the eviction is logged as a warning');
+
+    my $lines = () = $t->error_log =~ /^.*\[warn\].*(evict|full).*$/mig;
+    ok($lines < 1000, "the warning is rate-limited ($lines lines)");
+
+    admits_exactly($t, 'GET /', count => 5, period => 3600,
+                   headers => sub { { 'X-Api-Key' => uid() } },
+                   name => 'after the flood a fresh identity gets exactly 5');
+
+    $t->stop(name => 'flood');
+}
+
+
+# --- long keys, no raw key in the log ----------------------------------------
+
+{
+    my $t = LLMLimit::Test->new(
+        http => q{
+            llmlimit_zone  z 1m;
+            llmlimit_rules t zone=z {
+                "Cat"  *  *  $http_x_api_key  2/1h;
+            }
+        },
+        config => q{
+            llmlimit t;
+            llmlimit_log_level info;
+
+            location / {
+                proxy_pass http://backend;
+            }
+        },
+    )->start;
+
+    wait_window(3600, margin => 60);
+
+    my $base = join '', map { ('a' .. 'z', 0 .. 9)[rand 36] } 1 .. 6144;
+    my $k1 = $base;
+    my $k2 = substr($base, 0, -1) . ($base =~ /z$/ ? 'y' : 'z');
+    my $k3 = ($base =~ /^z/ ? 'y' : 'z') . substr($base, 1);
+
+    my @s = map { $t->conn->req('GET /', headers => { 'X-Api-Key' => $k1 })
+                       ->status } 1 .. 3;
+    is_deeply(\@s, [200, 200, 429], '6 KB key: 2 pass, 429');
+
+    @s = map { $t->conn->req('GET /', headers => { 'X-Api-Key' => $k2 })
+                   ->status } 1 .. 3;
+    is_deeply(\@s, [200, 200, 429],
+              '6 KB key differing in the last byte: its own budget');
+
+    @s = map { $t->conn->req('GET /', headers => { 'X-Api-Key' => $k3 })
+                   ->status } 1 .. 3;
+    is_deeply(\@s, [200, 200, 429],
+              '6 KB key differing in the first byte: its own budget');
+
+    my $secret = 'SECRET-' . uid('key');
+    @s = map { $t->conn->req('GET /', headers => { 'X-Api-Key' => $secret })
+                   ->status } 1 .. 4;
+    is_deeply(\@s, [200, 200, 429, 429], 'secret key rejected');
+
+    my $log = $t->error_log;
+    like($log, qr/Cat/, 'the rejections are logged with the category');
+    unlike($log, qr/SECRET-/, 'the raw key is not in error.log');
+    ok(index($log, substr($base, 0, 32)) < 0
+       && index($log, substr($base, -32)) < 0,
+       'no part of the 6 KB keys is in error.log');
+
+    $t->stop(name => 'keys');
+}
+
+finish();
