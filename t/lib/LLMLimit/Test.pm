@@ -28,7 +28,7 @@ use Time::HiRes qw(time sleep);
 
 our @EXPORT = qw(
     run_blocks uid valgrind slow nginx_t wait_window count_admitted
-    admits_exactly parallel line_of json_decode done finish
+    admits_exactly parallel line_of json_decode done finish conf_example
 );
 
 our $ROOT   = abs_path(dirname(__FILE__) . '/../../..');
@@ -608,6 +608,26 @@ sub slurp {
 
 
 # ---------------------------------------------------------------------------
+# conf.example
+
+# conf.example as a harness configuration: the module built here, its three
+# ports (8080, 8081, 8082) replaced by %%PORT%%, %%BACKEND_PORT%%, %%PORT2%%
+# (so new() needs nports => 1).
+sub conf_example {
+    my $text = slurp("$ROOT/conf.example") // croak "conf.example: $!";
+
+    $text =~ s{^(\s*load_module\s+)\S*ngx_http_llmlimit_module\.so;}
+              {$1%%MODULE%%;}m
+        or croak "conf.example: no load_module line";
+    $text =~ s/127\.0\.0\.1:8080\b/127.0.0.1:%%PORT%%/g;
+    $text =~ s/127\.0\.0\.1:8081\b/127.0.0.1:%%BACKEND_PORT%%/g;
+    $text =~ s/127\.0\.0\.1:8082\b/127.0.0.1:%%PORT2%%/g;
+
+    return $text;
+}
+
+
+# ---------------------------------------------------------------------------
 # nginx -t
 
 # nginx_t(http => ..., config => ...): writes the configuration in a fresh
@@ -771,7 +791,8 @@ sub count_admitted {
 # request is rejected, all inside one window of PERIOD seconds (retried with
 # a fresh identity if a window boundary fell inside the run).  headers is a
 # sub returning the request headers of a fresh identity; from likewise may
-# be a sub returning a fresh source address.  Returns the result of
+# be a sub returning a fresh source address; port another port of the
+# instance.  Returns the result of
 # count_admitted (admitted, rejected, last, ...) after reporting one test.
 sub admits_exactly {
     my ($t, $spec, %o) = @_;
@@ -786,7 +807,8 @@ sub admits_exactly {
     for my $attempt (1 .. 3) {
         my %h = $o{headers} ? (headers => $o{headers}->()) : ();
         my $from = ref $o{from} ? $o{from}->() : $o{from};
-        my $conn = $t->conn(defined $from ? (from => $from) : ());
+        my $conn = $t->conn(defined $from ? (from => $from) : (),
+                            defined $o{port} ? (port => $o{port}) : ());
 
         # expected run time: generous
         my $need = (0.5 + $count * 0.001) * $SLOW + 0.5;
@@ -1013,7 +1035,7 @@ sub finish {
     done_testing();
 }
 
-*done = \&finish;
+sub done { finish(@_) }
 
 
 END {
