@@ -349,7 +349,10 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
 
     if (rp == NULL) {
 
-        /* the context is being freed */
+        /*
+         * the context is being freed; the cleanup hook, called next,
+         * reports why
+         */
 
         if (redis->ac == ac) {
             redis->state = NGX_HTTP_LLMLIMIT_REDIS_DOWN;
@@ -360,8 +363,6 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
         if (r == NULL) {
             return;
         }
-
-        ngx_http_llmlimit_redis_fail(redis, "connection closed");
 
         b->rc = NGX_ERROR;
         b->done(r, b);
