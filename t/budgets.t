@@ -153,7 +153,7 @@ run_blocks({
             my %h = (headers => { 'X-Api-Key' => uid() });
 
             # the whole test stays inside one hour window
-            wait_window(3600, margin => 30 * slow());
+            wait_window(3600, margin => valgrind() ? 120 : 30);
             wait_window(2, start => 1);
 
             my @s = map { $c->req('GET /two', %h) } 1 .. 2;

@@ -51,8 +51,8 @@ my $t = LLMLimit::Test->new(
 for my $uri ('/sliding', '/fixed', '/gcra', '/multi') {
     my $key = uid();
 
-    wait_window(3600, margin => 60 * slow());
-    wait_window(86400, margin => 120 * slow()) if $uri eq '/multi';
+    wait_window(3600, margin => valgrind() ? 300 : 60);
+    wait_window(86400, margin => valgrind() ? 300 : 60) if $uri eq '/multi';
 
     my @res = parallel($CLIENTS, sub {
         my %s = (pids => {});

@@ -40,7 +40,7 @@ sub rules {
                                 workers => 2)->start;
 
     # the whole test inside one hour window
-    wait_window(3600, margin => 120);
+    wait_window(3600, margin => valgrind() ? 300 : 60);
 
     my %k = (headers => { 'X-Api-Key' => uid() });
 
@@ -151,7 +151,7 @@ sub rules {
         },
     )->start;
 
-    wait_window(3600, margin => 60);
+    wait_window(3600, margin => valgrind() ? 120 : 30);
 
     my $base = join '', map { ('a' .. 'z', 0 .. 9)[rand 36] } 1 .. 6144;
     my $k1 = $base;

@@ -41,6 +41,9 @@ our $VALGRIND = $ENV{LLMLIMIT_VALGRIND} ? 1 : 0;
 our $SLOW = $VALGRIND ? ($ENV{LLMLIMIT_SLOW} || 25) : ($ENV{LLMLIMIT_SLOW} || 1);
 
 my $MAIN_PID = $$;
+
+# a test killed by prove or ^C still runs END, which stops its nginx
+$SIG{TERM} = $SIG{INT} = $SIG{HUP} = sub { exit 1 };
 my @INSTANCES;
 my $UID_SEQ = 0;
 
@@ -745,6 +748,7 @@ sub parallel {
 sub wait_window {
     my ($period, %o) = @_;
 
+    # never wait more than half a window (an hour window: 30 minutes)
     my $margin = $o{margin} // 1;
     $margin = $period * 0.5 if $margin > $period * 0.5;
     my $after = $o{after} // 0.02;
