@@ -1,0 +1,259 @@
+# The Redis script computes exactly what src/ngx_http_llmlimit_algo.c
+# computes: a small C driver, built here against the repository's algo.c
+# and script, replays random request sequences (several counters, all three
+# algorithms, periods from 1s to 30d, times from bursts to gaps of two
+# periods) through both and compares every result.  The script gets the
+# driver's clock instead of TIME, and keys without TTLs, so that both see
+# the same time.
+#
+# Needs gcc, libhiredis-dev and the configured nginx tree of the build
+# (LLMLIMIT_NGX_TREE, default: the directory "nginx" next to the module).
+
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use LLMLimit::Test;
+use File::Basename qw(dirname);
+use File::Temp qw(tempdir);
+
+require "$FindBin::Bin/redis-lib.pl";
+
+my $ROOT = $LLMLimit::Test::ROOT;
+my $TREE = $ENV{LLMLIMIT_NGX_TREE} || dirname($LLMLimit::Test::MODULE) . '/nginx';
+
+plan skip_all => 'redis-server not installed'
+    unless LLMLimit::Redis::available();
+plan skip_all => "no configured nginx tree at $TREE"
+    unless -f "$TREE/objs/ngx_auto_config.h";
+plan skip_all => 'no gcc or hiredis headers'
+    unless system('command -v gcc >/dev/null 2>&1') == 0
+           && -f '/usr/include/hiredis/hiredis.h';
+
+my $dir = tempdir('llmlimit-algo-XXXXXX', TMPDIR => 1, CLEANUP => 1);
+
+open my $fh, '>', "$dir/driver.c" or die $!;
+print $fh <DATA>;
+close $fh;
+
+my @inc = map { "-I$TREE/$_" }
+          qw(src/core src/event src/event/modules src/os/unix objs src/http
+             src/http/modules src/http/v2);
+
+my $out = `gcc -O1 -o $dir/driver $dir/driver.c $ROOT/src/ngx_http_llmlimit_algo.c @inc -I$ROOT/src -lhiredis 2>&1`;
+is($?, 0, 'driver built') or diag($out);
+
+my $rd = LLMLimit::Redis->new;
+
+for my $seed (1 .. 6) {
+    my $res = `$dir/driver @{[ $rd->port ]} 400 $seed 2>&1`;
+    like($res, qr/^done: \d+ steps, 0 mismatches$/m,
+         "seed $seed: the script and algo.c agree")
+        or diag(substr($res, 0, 3000));
+}
+
+$rd->stop;
+
+done_testing();
+
+
+__DATA__
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include "ngx_http_llmlimit.h"
+#include "ngx_http_llmlimit_redis_lua.h"
+#include <hiredis/hiredis.h>
+
+/* algo.c's ngx_http_llmlimit_now() refers to it; unused here */
+volatile ngx_time_t  *ngx_cached_time;
+
+static const char  now_line[] =
+    "local now = tonumber(tm[1]) * 1000 + floor(tonumber(tm[2]) / 1000)\n";
+static const char  ttl_expr[] = "'PX', max(e - now, 1)";
+
+
+static char *
+script_with_clock(void)
+{
+    char        *s, *p, *q;
+    const char  *src = ngx_http_llmlimit_redis_lua;
+
+    s = malloc(sizeof(ngx_http_llmlimit_redis_lua) + 128);
+
+    p = strstr(src, now_line);
+    q = strstr(src, ttl_expr);
+
+    if (s == NULL || p == NULL || q == NULL || q < p) {
+        printf("the script's clock or TTL line moved\n");
+        exit(1);
+    }
+
+    sprintf(s, "%.*slocal now = tonumber(ARGV[#ARGV])\n%.*s'PX', 1e9%s",
+            (int) (p - src), src,
+            (int) (q - p - strlen(now_line)), p + strlen(now_line),
+            q + strlen(ttl_expr));
+
+    return s;
+}
+
+
+int
+main(int argc, char **argv)
+{
+    static const ngx_msec_t  periods[] = {
+        1000, 999, 7000, 10000, 60000, 3600000, 86400000, 2592000000UL
+    };
+
+    int            port, it, iters, i, j, n, k, steps, ac, rej, bad;
+    long           total;
+    char          *script, keys[3][64], nums[16][32];
+    int64_t        now, dt;
+    size_t         al[16];
+    const char    *av[16];
+    redisReply    *r;
+    redisContext  *rc;
+
+    ngx_http_llmlimit_counter_t  c[3], out[3];
+    ngx_http_llmlimit_state_t    st[3];
+
+    port = atoi(argv[1]);
+    iters = atoi(argv[2]);
+    srand(atoi(argv[3]));
+
+    rc = redisConnect("127.0.0.1", port);
+    if (rc == NULL || rc->err) {
+        printf("cannot connect\n");
+        return 1;
+    }
+
+    script = script_with_clock();
+    bad = 0;
+    total = 0;
+
+    for (it = 0; it < iters; it++) {
+        n = 1 + rand() % 3;
+        steps = 5 + rand() % 60;
+        now = 1795426400000LL + rand() % 100000;
+
+        for (i = 0; i < n; i++) {
+            memset(&c[i], 0, sizeof(c[i]));
+            memset(&st[i], 0, sizeof(st[i]));
+            c[i].algorithm = rand() % 3;
+            c[i].period = periods[rand() % 8];
+            c[i].count = (rand() % 4 == 0) ? 1 + rand() % 3
+                                           : 1 + rand() % 1000;
+            sprintf(keys[i], "algo:%d:%d", it, i);
+        }
+
+        r = redisCommand(rc, "FLUSHALL");
+        freeReplyObject(r);
+
+        for (k = 0; k < steps; k++, total++) {
+            switch (rand() % 4) {
+            case 0:  dt = 0; break;
+            case 1:  dt = rand() % 50; break;
+            case 2:  dt = rand() % (c[0].period / 4 + 1); break;
+            default: dt = rand() % (2 * c[0].period + 1); break;
+            }
+
+            now += dt;
+
+            /* algo.c, as the shared-memory store uses it */
+
+            rej = 0;
+
+            for (i = 0; i < n; i++) {
+                out[i] = c[i];
+
+                if (ngx_http_llmlimit_algo_check(&st[i], &out[i], now)
+                    != NGX_OK)
+                {
+                    rej = 1;
+                }
+            }
+
+            if (!rej) {
+                for (i = 0; i < n; i++) {
+                    ngx_http_llmlimit_algo_count(&st[i], &out[i], now);
+                }
+            }
+
+            /* the script */
+
+            ac = 0;
+            av[ac] = "EVAL"; al[ac++] = 4;
+            av[ac] = script; al[ac++] = strlen(script);
+            sprintf(nums[0], "%d", n);
+            av[ac] = nums[0]; al[ac++] = strlen(nums[0]);
+
+            for (i = 0; i < n; i++) {
+                av[ac] = keys[i]; al[ac++] = strlen(keys[i]);
+            }
+
+            for (i = 0; i < n; i++) {
+                sprintf(nums[1 + 3 * i], "%d", (int) c[i].algorithm);
+                sprintf(nums[2 + 3 * i], "%lu", (unsigned long) c[i].period);
+                sprintf(nums[3 + 3 * i], "%lu", (unsigned long) c[i].count);
+
+                for (j = 1; j <= 3; j++) {
+                    av[ac] = nums[j + 3 * i];
+                    al[ac++] = strlen(nums[j + 3 * i]);
+                }
+            }
+
+            sprintf(nums[15], "%lld", (long long) now);
+            av[ac] = nums[15]; al[ac++] = strlen(nums[15]);
+
+            r = redisCommandArgv(rc, ac, av, al);
+
+            if (r == NULL || r->type != REDIS_REPLY_ARRAY
+                || r->elements != (size_t) (1 + 4 * n))
+            {
+                printf("bad reply: %s\n",
+                       r && r->type == REDIS_REPLY_ERROR ? r->str : "?");
+                return 1;
+            }
+
+            if (r->element[0]->integer != rej) {
+                bad++;
+                printf("scenario %d step %d: status %lld, algo.c %d\n",
+                       it, k, r->element[0]->integer, rej);
+            }
+
+            for (i = 0; i < n; i++) {
+                long long  v[4];
+
+                v[0] = out[i].rejected;
+                v[1] = out[i].remaining;
+                v[2] = out[i].reset;
+                v[3] = out[i].retry;
+
+                for (j = 0; j < 4; j++) {
+                    if (r->element[1 + 4 * i + j]->integer == v[j]) {
+                        continue;
+                    }
+
+                    bad++;
+                    printf("scenario %d step %d counter %d (algorithm %d, "
+                           "%lu/%lums) field %d: script %lld, algo.c %lld\n",
+                           it, k, i, (int) c[i].algorithm,
+                           (unsigned long) c[i].count,
+                           (unsigned long) c[i].period, j,
+                           r->element[1 + 4 * i + j]->integer, v[j]);
+                }
+            }
+
+            freeReplyObject(r);
+
+            if (bad > 20) {
+                printf("done: %ld steps, %d mismatches\n", total, bad);
+                return 1;
+            }
+        }
+    }
+
+    printf("done: %ld steps, %d mismatches\n", total, bad);
+
+    return bad != 0;
+}
