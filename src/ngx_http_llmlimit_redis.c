@@ -179,13 +179,32 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
 
     redis = b->zone->redis;
 
-    if (redis == NULL || redis->ac == NULL || b->n == 0
+    if (b->n == 0) {
+        return NGX_OK;
+    }
+
+    if (redis == NULL || redis->ac == NULL
         || b->n > NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
     {
         return NGX_ERROR;
     }
 
-    if (redis->state != NGX_HTTP_LLMLIMIT_REDIS_READY && !redis->healthy) {
+    switch (redis->state) {
+
+    case NGX_HTTP_LLMLIMIT_REDIS_READY:
+        break;
+
+    case NGX_HTTP_LLMLIMIT_REDIS_CONNECTING:
+
+        /* behind the handshake, unless Redis is known to be lost */
+
+        if (redis->healthy) {
+            break;
+        }
+
+        /* fall through */
+
+    default:
         return NGX_ERROR;
     }
 
