@@ -305,21 +305,24 @@ static ngx_int_t
 ngx_http_llmlimit_classify(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
 {
-    ngx_md5_t                     md5;
+    u_char                       *p;
+    uint64_t                      hash[2];
     ngx_str_t                     identity, plan;
     ngx_int_t                     rc;
-    ngx_uint_t                    i, j, n, matched;
-    ngx_http_llmlimit_rule_t     *rule;
+    ngx_uint_t                    i, j, n, m, matched;
+    ngx_http_llmlimit_rule_t     *rule, *rules[NGX_HTTP_LLMLIMIT_MAX_TABLES];
     ngx_http_llmlimit_zone_t     *zone;
     ngx_http_llmlimit_batch_t    *b;
     ngx_http_llmlimit_table_t   **tables, *table;
-    ngx_http_llmlimit_limits_t   *limits;
+    ngx_http_llmlimit_table_t    *tbls[NGX_HTTP_LLMLIMIT_MAX_TABLES];
+    ngx_http_llmlimit_limits_t   *limits, *lims[NGX_HTTP_LLMLIMIT_MAX_TABLES];
     ngx_http_llmlimit_counter_t  *c, *counters;
+    ngx_str_t                     ids[NGX_HTTP_LLMLIMIT_MAX_TABLES];
 
     tables = llcf->tables->elts;
     n = 0;
+    m = 0;
     matched = 0;
-    counters = NULL;
 
     for (i = 0; i < llcf->tables->nelts; i++) {
         table = tables[i];
@@ -358,48 +361,14 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
             continue;
         }
 
-        if (counters == NULL) {
-            counters = ngx_palloc(r->pool, NGX_HTTP_LLMLIMIT_MAX_COUNTERS
-                                        * sizeof(ngx_http_llmlimit_counter_t));
-            if (counters == NULL) {
-                return NGX_ERROR;
-            }
-        }
+        rules[m] = rule;
+        tbls[m] = table;
+        lims[m] = limits;
+        ids[m] = identity;
+        m++;
 
-        md5 = rule->budget;
-        ngx_md5_update(&md5, identity.data, identity.len);
-
-        for (j = 0; j < limits->nlimits; j++) {
-
-            if (n == NGX_HTTP_LLMLIMIT_MAX_COUNTERS) {
-                ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                              "llmlimit: more than %d counters for one "
-                              "request, the rest is ignored",
-                              NGX_HTTP_LLMLIMIT_MAX_COUNTERS);
-                break;
-            }
-
-            c = &counters[n++];
-            ngx_memzero(c, sizeof(ngx_http_llmlimit_counter_t));
-
-            if (j == 0) {
-                ngx_md5_final(c->hash, &md5);
-
-            } else {
-                ngx_memcpy(c->hash, counters[n - 1 - j].hash, 16);
-            }
-
-            c->period = limits->limits[j].period;
-            c->count = limits->limits[j].count;
-            c->limit = &limits->limits[j];
-            c->algorithm = table->algorithm;
-            c->table = table;
-            c->rule = rule;
-        }
+        n += limits->nlimits;
     }
-
-    ctx->counters = counters;
-    ctx->ncounters = n;
 
     if (!matched) {
         ctx->status = NGX_HTTP_LLMLIMIT_BYPASSED;
@@ -412,12 +381,43 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    /* one batch per zone, in the order the zones appear */
+    /* counters, their copy regrouped by zone, and the batches */
 
-    ctx->batches = ngx_palloc(r->pool, n * sizeof(ngx_http_llmlimit_batch_t));
-    if (ctx->batches == NULL) {
+    p = ngx_palloc(r->pool, 2 * n * sizeof(ngx_http_llmlimit_counter_t)
+                            + n * sizeof(ngx_http_llmlimit_batch_t));
+    if (p == NULL) {
         return NGX_ERROR;
     }
+
+    counters = (ngx_http_llmlimit_counter_t *) p;
+    ctx->batches = (ngx_http_llmlimit_batch_t *) (counters + 2 * n);
+
+    c = counters;
+
+    for (i = 0; i < m; i++) {
+        ngx_http_llmlimit_hash(rules[i]->budget, ids[i].data, ids[i].len,
+                               hash);
+
+        for (j = 0; j < lims[i]->nlimits; j++, c++) {
+            ngx_memcpy(c->hash, hash, sizeof(hash));
+
+            c->period = lims[i]->limits[j].period;
+            c->count = lims[i]->limits[j].count;
+            c->algorithm = tbls[i]->algorithm;
+            c->table = tbls[i];
+            c->rule = rules[i];
+            c->limit = &lims[i]->limits[j];
+            c->remaining = 0;
+            c->reset = 0;
+            c->retry = 0;
+            c->rejected = 0;
+        }
+    }
+
+    ctx->counters = counters;
+    ctx->ncounters = n;
+
+    /* one batch per zone, in the order the zones appear */
 
     for (i = 0; i < n; i++) {
         zone = counters[i].table->zone;
@@ -443,12 +443,7 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
 
     if (ctx->nbatches > 1) {
         /* regroup the counters so that each batch holds a run of them */
-
-        c = ngx_palloc(r->pool, n * sizeof(ngx_http_llmlimit_counter_t));
-        if (c == NULL) {
-            return NGX_ERROR;
-        }
-
+        c = counters + n;
         ctx->counters = c;
     }
 
@@ -1305,13 +1300,10 @@ ngx_http_llmlimit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
     }
 
-    if (llcf->tables->nelts
-        == NGX_HTTP_LLMLIMIT_MAX_COUNTERS / NGX_HTTP_LLMLIMIT_MAX_LIMITS)
-    {
+    if (llcf->tables->nelts == NGX_HTTP_LLMLIMIT_MAX_TABLES) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "too many llmlimit tables, at most %d at one level",
-                           NGX_HTTP_LLMLIMIT_MAX_COUNTERS
-                           / NGX_HTTP_LLMLIMIT_MAX_LIMITS);
+                           NGX_HTTP_LLMLIMIT_MAX_TABLES);
         return NGX_CONF_ERROR;
     }
 

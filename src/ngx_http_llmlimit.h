@@ -29,6 +29,8 @@
 
 #define NGX_HTTP_LLMLIMIT_MAX_LIMITS      8
 #define NGX_HTTP_LLMLIMIT_MAX_COUNTERS    32
+#define NGX_HTTP_LLMLIMIT_MAX_TABLES                                         \
+    (NGX_HTTP_LLMLIMIT_MAX_COUNTERS / NGX_HTTP_LLMLIMIT_MAX_LIMITS)
 
 /* $llmlimit_status */
 #define NGX_HTTP_LLMLIMIT_UNSET           0
@@ -72,9 +74,10 @@ typedef struct {
 
     ngx_http_complex_value_t        key;
     ngx_array_t                    *key_vars;      /* ngx_int_t indexes */
+    ngx_uint_t                      key_single;    /* KEY is "$var" */
 
-    /* MD5 state over (table, category, KEY expression) */
-    ngx_md5_t                       budget;
+    /* hash of (table, category, KEY expression): the identity's seed */
+    uint64_t                        budget[2];
 
     ngx_array_t                    *plans;         /* limits_t per plan */
     ngx_http_llmlimit_limits_t      deflt;         /* any other plan */
@@ -118,7 +121,7 @@ typedef struct {
  * fills the results.
  */
 typedef struct {
-    u_char                          hash[16];      /* MD5(budget, identity) */
+    u_char                          hash[16];      /* of budget, identity */
     ngx_msec_t                      period;
     ngx_uint_t                      count;
     ngx_uint_t                      algorithm;
@@ -178,6 +181,11 @@ ngx_int_t ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
     ngx_str_t *identity);
 ngx_http_llmlimit_limits_t *ngx_http_llmlimit_rule_limits(
     ngx_http_llmlimit_rule_t *rule, ngx_str_t *plan);
+
+
+/* src/ngx_http_llmlimit_hash.c */
+void ngx_http_llmlimit_hash(const uint64_t seed[2], const u_char *data,
+    size_t len, uint64_t out[2]);
 
 
 /* src/ngx_http_llmlimit_algo.c */

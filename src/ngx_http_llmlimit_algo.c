@@ -50,23 +50,19 @@ ngx_int_t
 ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now)
 {
-    int64_t  remaining;
-
     ngx_http_llmlimit_roll(st, c, now);
 
-    remaining = ngx_http_llmlimit_remaining(st, c, now);
-
-    c->remaining = (ngx_uint_t) remaining;
-    c->reset = (ngx_msec_t) ngx_http_llmlimit_wait(st, c, now, remaining + 1);
-
-    if (remaining >= 1) {
+    if (ngx_http_llmlimit_remaining(st, c, now) >= 1) {
         c->rejected = 0;
-        c->retry = 0;
         return NGX_OK;
     }
 
+    /* the results of a counted request are set by count() */
+
     c->rejected = 1;
+    c->remaining = 0;
     c->retry = (ngx_msec_t) ngx_http_llmlimit_wait(st, c, now, 1);
+    c->reset = c->retry;
 
     return NGX_BUSY;
 }

@@ -31,15 +31,32 @@ ngx_http_llmlimit_seconds(ngx_msec_t ms)
 }
 
 
+/* ngx_sprintf("%uL") for the hot path */
+
+static u_char *
+ngx_http_llmlimit_uint(u_char *p, uint64_t n)
+{
+    u_char   *q, tmp[NGX_INT64_LEN];
+
+    q = tmp + NGX_INT64_LEN;
+
+    do {
+        *--q = (u_char) (n % 10 + '0');
+        n /= 10;
+    } while (n);
+
+    return ngx_cpymem(p, q, tmp + NGX_INT64_LEN - q);
+}
+
+
 ngx_int_t
 ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
 {
-    u_char                       *p;
+    u_char                       *p, *last;
     time_t                        reset;
     ngx_str_t                    *id;
     ngx_http_llmlimit_counter_t  *c;
-    u_char                        buf[NGX_INT64_LEN * 3 + 256];
 
     c = ctx->report;
 
@@ -49,23 +66,30 @@ ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
 
         if (llcf->headers & NGX_HTTP_LLMLIMIT_HEADERS_X) {
 
-            p = ngx_sprintf(buf, "%ui", c->count);
-            if (ngx_http_llmlimit_header(r, &llcf->header_limit, buf, p)
+            p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN);
+            if (p == NULL) {
+                return NGX_ERROR;
+            }
+
+            last = ngx_http_llmlimit_uint(p, c->count);
+            if (ngx_http_llmlimit_header(r, &llcf->header_limit, p, last)
                 != NGX_OK)
             {
                 return NGX_ERROR;
             }
 
-            p = ngx_sprintf(buf, "%ui", c->remaining);
-            if (ngx_http_llmlimit_header(r, &llcf->header_remaining, buf, p)
+            p = last;
+            last = ngx_http_llmlimit_uint(p, c->remaining);
+            if (ngx_http_llmlimit_header(r, &llcf->header_remaining, p, last)
                 != NGX_OK)
             {
                 return NGX_ERROR;
             }
 
-            p = ngx_sprintf(buf, "%T", llcf->reset_epoch
-                                       ? ngx_time() + reset : reset);
-            if (ngx_http_llmlimit_header(r, &llcf->header_reset, buf, p)
+            p = last;
+            last = ngx_http_llmlimit_uint(p, llcf->reset_epoch
+                                             ? ngx_time() + reset : reset);
+            if (ngx_http_llmlimit_header(r, &llcf->header_reset, p, last)
                 != NGX_OK)
             {
                 return NGX_ERROR;
@@ -75,23 +99,24 @@ ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
         if (llcf->headers & NGX_HTTP_LLMLIMIT_HEADERS_IETF) {
             id = &c->rule->category_id;
 
-            if (id->len > sizeof(buf) - NGX_INT64_LEN * 3 - 16) {
-                /* never longer than the buffer */
-                id = &ngx_http_llmlimit_ietf;
+            p = ngx_pnalloc(r->pool, 2 * id->len + 4 * NGX_INT64_LEN + 32);
+            if (p == NULL) {
+                return NGX_ERROR;
             }
 
-            p = ngx_sprintf(buf, "\"%V\";q=%ui;w=%T", id, c->count,
-                            ngx_http_llmlimit_seconds(c->period));
+            last = ngx_sprintf(p, "\"%V\";q=%ui;w=%T", id, c->count,
+                               ngx_http_llmlimit_seconds(c->period));
             if (ngx_http_llmlimit_header(r, &ngx_http_llmlimit_ietf_policy,
-                                         buf, p)
+                                         p, last)
                 != NGX_OK)
             {
                 return NGX_ERROR;
             }
 
-            p = ngx_sprintf(buf, "\"%V\";r=%ui;t=%T", id, c->remaining,
-                            reset);
-            if (ngx_http_llmlimit_header(r, &ngx_http_llmlimit_ietf, buf, p)
+            p = last;
+            last = ngx_sprintf(p, "\"%V\";r=%ui;t=%T", id, c->remaining,
+                               reset);
+            if (ngx_http_llmlimit_header(r, &ngx_http_llmlimit_ietf, p, last)
                 != NGX_OK)
             {
                 return NGX_ERROR;
@@ -102,9 +127,14 @@ ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
     if (ctx->status == NGX_HTTP_LLMLIMIT_REJECTED) {
         reset = ngx_http_llmlimit_seconds(ctx->retry);
 
-        p = ngx_sprintf(buf, "%T", reset ? reset : 1);
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        last = ngx_http_llmlimit_uint(p, reset ? reset : 1);
         if (ngx_http_llmlimit_header(r, &ngx_http_llmlimit_retry_after,
-                                     buf, p)
+                                     p, last)
             != NGX_OK)
         {
             return NGX_ERROR;
@@ -114,6 +144,8 @@ ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
     return NGX_OK;
 }
 
+
+/* the value is in the request pool already */
 
 static ngx_int_t
 ngx_http_llmlimit_header(ngx_http_request_t *r, ngx_str_t *key,
@@ -126,17 +158,10 @@ ngx_http_llmlimit_header(ngx_http_request_t *r, ngx_str_t *key,
         return NGX_ERROR;
     }
 
-    h->value.len = last - value;
-    h->value.data = ngx_pnalloc(r->pool, h->value.len);
-    if (h->value.data == NULL) {
-        h->hash = 0;
-        return NGX_ERROR;
-    }
-
-    ngx_memcpy(h->value.data, value, h->value.len);
-
     h->hash = 1;
     h->key = *key;
+    h->value.len = last - value;
+    h->value.data = value;
 
 #if (nginx_version >= 1023000)
     h->next = NULL;

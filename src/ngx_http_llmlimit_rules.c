@@ -155,6 +155,7 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
         /* the rule applies only if every variable of its KEY is non-empty */
 
         index = rl->key_vars->elts;
+        vv = NULL;
 
         for (k = 0; k < rl->key_vars->nelts; k++) {
             vv = ngx_http_get_indexed_variable(r, index[k]);
@@ -168,7 +169,12 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
             continue;
         }
 
-        if (ngx_http_complex_value(r, &rl->key, identity) != NGX_OK) {
+        if (rl->key_single && vv) {
+            /* KEY is one variable: its value is the identity */
+            identity->len = vv->len;
+            identity->data = vv->data;
+
+        } else if (ngx_http_complex_value(r, &rl->key, identity) != NGX_OK) {
             return NGX_ERROR;
         }
 
@@ -761,10 +767,13 @@ ngx_http_llmlimit_parse_key(ngx_conf_t *cf, ngx_http_llmlimit_table_t *table,
     ngx_http_llmlimit_rule_t *rule, ngx_str_t *value)
 {
     u_char                            *p, *last;
+    size_t                             len;
     ngx_int_t                          index, *idx;
     ngx_str_t                          name;
     ngx_uint_t                         i;
     ngx_http_compile_complex_value_t   ccv;
+
+    static const uint64_t  zero[2] = { 0, 0 };
 
     ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
 
@@ -859,15 +868,31 @@ ngx_http_llmlimit_parse_key(ngx_conf_t *cf, ngx_http_llmlimit_table_t *table,
         return NGX_CONF_ERROR;
     }
 
+    /* "$name" or "${name}" alone */
+
+    rule->key_single = (rule->key_vars->nelts == 1
+                        && value->data[0] == '$'
+                        && (value->len == name.len + 1
+                            || (value->data[1] == '{'
+                                && value->len == name.len + 3)));
+
     /* the budget: (table, category, KEY expression) */
 
-    ngx_md5_init(&rule->budget);
-    ngx_md5_update(&rule->budget, table->name.data, table->name.len);
-    ngx_md5_update(&rule->budget, "", 1);
-    ngx_md5_update(&rule->budget, rule->category.data, rule->category.len);
-    ngx_md5_update(&rule->budget, "", 1);
-    ngx_md5_update(&rule->budget, value->data, value->len);
-    ngx_md5_update(&rule->budget, "", 1);
+    len = table->name.len + rule->category.len + value->len + 3;
+
+    p = ngx_pnalloc(cf->temp_pool, len);
+    if (p == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    last = ngx_cpymem(p, table->name.data, table->name.len);
+    *last++ = '\0';
+    last = ngx_cpymem(last, rule->category.data, rule->category.len);
+    *last++ = '\0';
+    last = ngx_cpymem(last, value->data, value->len);
+    *last++ = '\0';
+
+    ngx_http_llmlimit_hash(zero, p, len, rule->budget);
 
     return NGX_CONF_OK;
 }
