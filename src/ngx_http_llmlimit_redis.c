@@ -29,6 +29,7 @@
 
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
+#include <hiredis/sds.h>
 
 #include <ngx_sha1.h>
 
@@ -623,6 +624,12 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
     c->read->log = c->log;
     c->write->log = c->log;
 
+    if (ngx_event_flags & NGX_USE_CLEAR_EVENT) {
+        /* armed once: the write edge tells that connect(2) is done */
+        ngx_http_llmlimit_redis_add_event(c->read, NGX_READ_EVENT);
+        ngx_http_llmlimit_redis_add_event(c->write, NGX_WRITE_EVENT);
+    }
+
     ac->data = redis;
     ac->ev.data = c;
     ac->ev.addRead = ngx_http_llmlimit_redis_add_read;
@@ -981,11 +988,20 @@ ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev)
 static void
 ngx_http_llmlimit_redis_write_handler(ngx_event_t *wev)
 {
-    ngx_connection_t  *c;
+    ngx_connection_t           *c;
+    redisAsyncContext          *ac;
+    ngx_http_llmlimit_redis_t  *redis;
 
     c = wev->data;
+    ac = c->data;
+    redis = ac->data;
 
-    redisAsyncHandleWrite(c->data);
+    redisAsyncHandleWrite(ac);
+
+    if (redis->ac == ac && sdslen(ac->c.obuf) > 0) {
+        /* the socket buffer is full: wait for the next edge */
+        wev->ready = 0;
+    }
 }
 
 
@@ -1003,16 +1019,39 @@ ngx_http_llmlimit_redis_del_read(void *data)
 {
     ngx_connection_t  *c = data;
 
+    if (ngx_event_flags & NGX_USE_CLEAR_EVENT) {
+        return;
+    }
+
     ngx_http_llmlimit_redis_del_event(c->read, NGX_READ_EVENT);
 }
 
+
+/*
+ * With edge-triggered events both are armed from the start; while the
+ * socket is writable, hiredis' output is written by a posted event at the
+ * end of this turn of the event loop, so that the commands of all requests
+ * read in this turn go out in one write.  Otherwise the write event is
+ * armed only while hiredis has something to write.
+ */
 
 static void
 ngx_http_llmlimit_redis_add_write(void *data)
 {
     ngx_connection_t  *c = data;
 
-    ngx_http_llmlimit_redis_add_event(c->write, NGX_WRITE_EVENT);
+    ngx_event_t  *wev;
+
+    wev = c->write;
+
+    if (!(ngx_event_flags & NGX_USE_CLEAR_EVENT)) {
+        ngx_http_llmlimit_redis_add_event(wev, NGX_WRITE_EVENT);
+        return;
+    }
+
+    if (wev->ready && !wev->posted) {
+        ngx_post_event(wev, &ngx_posted_events);
+    }
 }
 
 
@@ -1021,15 +1060,13 @@ ngx_http_llmlimit_redis_del_write(void *data)
 {
     ngx_connection_t  *c = data;
 
+    if (ngx_event_flags & NGX_USE_CLEAR_EVENT) {
+        return;
+    }
+
     ngx_http_llmlimit_redis_del_event(c->write, NGX_WRITE_EVENT);
 }
 
-
-/*
- * Commands queued while the write event is armed go out together when it
- * fires; a newly armed edge-triggered event fires at once if the socket
- * is writable.
- */
 
 static void
 ngx_http_llmlimit_redis_add_event(ngx_event_t *ev, ngx_int_t event)
