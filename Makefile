@@ -75,3 +75,9 @@ test-valgrind: DEB_PKGS += valgrind
 test-valgrind: deps build
 	LLMLIMIT_MODULE=$(MODULE) LLMLIMIT_VALGRIND=1 \
 	    $(PROVE) -r $(PROVE_OPTS) $(TESTS)
+
+# make bench: throughput, latency, identities per MB and instructions per
+# request against bare nginx and limit_req (bench/README.md).
+bench: DEB_PKGS += valgrind gnuplot-nox curl
+bench: deps build
+	BENCH_MODULE=$(MODULE) bench/run.sh
