@@ -224,11 +224,12 @@ sub count_re {
                                 http => three_zones($fake->addr, $TMO),
                                 config => $SERVER)->start;
     my $c = $t->conn;
-    my @pids = $t->workers;
 
     # at once: the first requests may wait behind the handshake
     is_deeply([ run($c, 'GET /o', 3, uid()) ],
               [ '200 200 200', 'ERROR ERROR ERROR' ], 'open: ERROR');
+
+    my @pids = $t->workers;
     is_deeply([ run($c, 'GET /l', 4, uid()) ],
               [ '200 200 200 429', 'PASSED PASSED PASSED REJECTED' ],
               'local: shared memory');
