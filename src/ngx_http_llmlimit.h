@@ -111,7 +111,7 @@ typedef struct {
     ngx_http_llmlimit_zone_t       *zone;
     ngx_uint_t                      algorithm;
     ngx_http_complex_value_t       *plan;
-    ngx_array_t                     rules;         /* ngx_http_llmlimit_rule_t */
+    ngx_array_t                     rules;         /* of rule_t */
 } ngx_http_llmlimit_table_t;
 
 
