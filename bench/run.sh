@@ -1,0 +1,770 @@
+#!/usr/bin/env bash
+#
+# llmlimit benchmarks: throughput and latency against bare nginx and
+# limit_req, identities held per MB of zone, and instructions per request.
+# Usage: make bench    (or bench/run.sh; settings below, from the environment)
+# See bench/README.md for what each part measures and why.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=$ROOT/bench
+
+DURATION=${BENCH_DURATION:-10}          # seconds per measured run
+ROUNDS=${BENCH_ROUNDS:-5}               # round-robin rounds
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+KEYS=${BENCH_KEYS:-10000}               # distinct API keys in the mix
+PIPELINE=${BENCH_PIPELINE:-1}           # requests per write (1: none)
+PORT=${BENCH_PORT:-18480}
+REDIS_PORT=${BENCH_REDIS_PORT:-18479}
+NGINX=${BENCH_NGINX:-/usr/sbin/nginx}
+MODULE=${BENCH_MODULE:-$ROOT/build/ngx_http_llmlimit_module.so}
+SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject}
+PARTS=${BENCH_PARTS:-throughput fill callgrind chart}
+CG_REQUESTS=${BENCH_CALLGRIND_REQUESTS:-20000}
+FILL_ZONE=${BENCH_FILL_ZONE:-4m}
+FILL_IDS=${BENCH_FILL_IDS:-200000}
+NGINX_CPU=${BENCH_NGINX_CPU:-0}         # nginx and redis-server
+CLIENT_CPU=${BENCH_CLIENT_CPU:-1}       # wrk
+RESULTS=${BENCH_RESULTS:-$BENCH/results}
+
+STAMP=$(date +%Y%m%d-%H%M%S)
+OUT=$RESULTS/$STAMP
+RUN=$(mktemp -d /tmp/llmlimit-bench.XXXXXX)
+HZ=$(getconf CLK_TCK)
+PIDS=()
+NOTES=()
+
+
+note() {
+    echo "bench: $*" >&2
+    NOTES+=("$*")
+}
+
+
+die() {
+    echo "bench: $*" >&2
+    exit 1
+}
+
+
+cleanup() {
+    local pid
+
+    for pid in "${PIDS[@]:-}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    if [ -z "${BENCH_KEEP:-}" ]; then
+        rm -rf "$RUN"
+    else
+        echo "bench: kept $RUN" >&2
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+
+forget() {
+    local keep=() pid
+
+    for pid in "${PIDS[@]:-}"; do
+        [ -n "$pid" ] && [ "$pid" != "$1" ] && keep+=("$pid")
+    done
+    PIDS=("${keep[@]:-}")
+}
+
+
+# --- prerequisites -------------------------------------------------------
+
+need_packages() {
+    local missing="" p
+
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
+            || missing="$missing $p"
+    done
+    [ -z "$missing" ] && return 0
+
+    echo "bench: installing$missing" >&2
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
+        --no-install-recommends $missing >&2
+}
+
+
+port_free() {
+    ! ss -Htln "sport = :$1" 2>/dev/null | grep -q .
+}
+
+
+# --- configurations ------------------------------------------------------
+
+# The LangSmith table: conf.example's llmlimit_rules block that holds the
+# "Run query" rows, or bench/langsmith.rules; renamed to "langsmith" on zone
+# "bench".  $1: limits: "raised" (x100000, every request passes), "one"
+# (1/1d: every request past the first per counter is rejected), "table".
+langsmith_table() {
+    local src=$BENCH/langsmith.rules
+
+    if [ -f "$ROOT/conf.example" ] \
+       && grep -q '^[[:space:]]*llmlimit_rules' "$ROOT/conf.example" \
+       && grep -q 'Run query' "$ROOT/conf.example"
+    then
+        src=$ROOT/conf.example
+    fi
+
+    perl -ne '
+        BEGIN { $mode = shift @ARGV; }
+        if (/^\s*llmlimit_rules\s/) { @b = (); $in = 1; }
+        if ($in) {
+            push @b, $_;
+            if (/^\s*}\s*$/) {
+                $in = 0;
+                if (grep { /Run query/ } @b) { print @b; exit; }
+            }
+        }
+    ' "$1" "$src" \
+    | perl -pe '
+        BEGIN { $mode = shift @ARGV; }
+        s/^(\s*llmlimit_rules\s+)\S+/${1}langsmith/;
+        s/\bzone=\S+?(\s|;|\{)/zone=bench$1/;
+        s/\@ZONE\@/bench/g;
+        next if /^\s*llmlimit_rules/;
+        if ($mode eq "raised") {
+            s{(?<![\w.])(\d+)/(\d+[a-z]*)}{${1}00000/$2}g;
+        } elsif ($mode eq "one") {
+            s{(?<![\w.])(\d+)/(\d+[a-z]*)}{1/1d}g;
+        }
+    ' "$1"
+}
+
+
+# $1 scenario, $2 mode (bench | callgrind | fill), $3 directory
+write_conf() {
+    local scn=$1 mode=$2 dir=$3 load="" http="" loc="" master=on
+
+    mkdir -p "$dir/html"
+    chmod 755 "$dir" "$dir/html"
+
+    case $scn in
+    bare)
+        ;;
+    limit_req)
+        http="limit_req_zone \$http_x_api_key zone=bench:64m rate=1000000r/s;"
+        loc="limit_req zone=bench burst=1000000 nodelay;"
+        ;;
+    llmlimit-shm | llmlimit-redis | llmlimit-reject)
+        local redis="" limits=raised
+        [ "$scn" = llmlimit-redis ] && redis=" redis=127.0.0.1:$REDIS_PORT"
+        [ "$scn" = llmlimit-reject ] && limits=one
+        load="load_module $MODULE;"
+        http="llmlimit_zone bench 64m$redis;
+$(langsmith_table $limits)"
+        loc="llmlimit langsmith;"
+        ;;
+    fill)
+        load="load_module $MODULE;"
+        http="llmlimit_zone fill $FILL_ZONE;
+    llmlimit_rules fill zone=fill {
+        fill  *  *  \$http_x_api_key  1/1h;
+    }"
+        loc="llmlimit fill;"
+        ;;
+    *)
+        die "unknown scenario $scn"
+        ;;
+    esac
+
+    [ "$mode" = callgrind ] && master=off
+
+    cat > "$dir/nginx.conf" <<EOF
+# written by bench/run.sh: scenario $scn, mode $mode
+$load
+worker_processes  1;
+daemon            off;
+master_process    $master;
+error_log         $dir/error.log warn;
+pid               $dir/nginx.pid;
+
+events {
+    worker_connections  1024;
+}
+
+http {
+    access_log          off;
+    keepalive_requests  1000000;
+    keepalive_timeout   75s;
+
+    # try_files below runs in the precontent phase, after preaccess (where
+    # limit_req and llmlimit run), for every method; the miss is cached, so
+    # the content costs no system call.  See bench/README.md.
+    open_file_cache         max=16 inactive=1h;
+    open_file_cache_valid   1h;
+    open_file_cache_errors  on;
+
+    $http
+
+    server {
+        listen       127.0.0.1:$PORT;
+        server_name  api.bench.test;
+        root         $dir/html;
+
+        location / {
+            $loc
+            try_files  /.bench-none =204;
+        }
+    }
+}
+EOF
+}
+
+
+# --- processes -----------------------------------------------------------
+
+wait_http() {
+    local i
+
+    for ((i = 0; i < ${2:-100}; i++)); do
+        curl -s -o /dev/null -m 2 "http://127.0.0.1:$PORT/" && return 0
+        kill -0 "$1" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+
+# $1 directory; starts nginx pinned, sets NGINX_PID and WORKER_PID
+start_nginx() {
+    local i
+
+    taskset -c "$NGINX_CPU" "$NGINX" -p "$1" -c "$1/nginx.conf" \
+        2>>"$1/stderr.log" &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+
+    if ! wait_http "$NGINX_PID"; then
+        stop_nginx
+        return 1
+    fi
+
+    WORKER_PID=""
+    for ((i = 0; i < 50; i++)); do
+        WORKER_PID=$(pgrep -P "$NGINX_PID" | head -1 || true)
+        [ -n "$WORKER_PID" ] && break
+        sleep 0.1
+    done
+    [ -n "$WORKER_PID" ]
+}
+
+
+stop_nginx() {
+    kill -QUIT "$NGINX_PID" 2>/dev/null || true
+    wait "$NGINX_PID" 2>/dev/null || true
+    forget "$NGINX_PID"
+}
+
+
+start_redis() {
+    local i
+
+    port_free "$REDIS_PORT" || { note "port $REDIS_PORT in use"; return 1; }
+    command -v redis-server >/dev/null || return 1
+
+    taskset -c "$NGINX_CPU" redis-server --port "$REDIS_PORT" \
+        --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+        --logfile "$RUN/redis.log" &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+
+    for ((i = 0; i < 50; i++)); do
+        redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+
+redis_cli() {
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"
+}
+
+
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+
+# wrk pinned to the client CPU; extra arguments go to requests.lua
+wrk_run() {
+    local conns=$1 dur=$2
+    shift 2
+
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$conns" -d"$dur" --latency \
+        --timeout 10s -s "$BENCH/requests.lua" "http://127.0.0.1:$PORT/" \
+        -- keys="$KEYS" pipeline="$PIPELINE" "$@"
+}
+
+
+field() {
+    # field NAME < "BENCHRESULT a=1 b=2"
+    tr ' ' '\n' | sed -n "s/^$1=//p"
+}
+
+
+# --- sanity: does the scenario do what it claims? ------------------------
+
+# $1 scenario; after warm-up. Prints nothing, returns 1 with a note if wrong.
+check_scenario() {
+    local scn=$1 hdr code want=204
+
+    hdr=$(curl -s -D - -o /dev/null -m 5 -X POST \
+          -H "x-api-key: lsv2_pt_00000012bench-sanity" \
+          "http://127.0.0.1:$PORT/runs/query") || true
+    code=$(printf '%s' "$hdr" | sed -n '1s/^HTTP[^ ]* \([0-9]*\).*/\1/p')
+
+    [ "$scn" = llmlimit-reject ] && want=429
+
+    if [ "$scn" = llmlimit-reject ]; then
+        # a second one: the first of a new key passes
+        code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 -X POST \
+               -H "x-api-key: lsv2_pt_00000012bench-sanity" \
+               "http://127.0.0.1:$PORT/runs/query") || true
+    fi
+
+    if [ "$code" != "$want" ]; then
+        note "$scn: sanity request answered $code, expected $want"
+        return 1
+    fi
+
+    case $scn in
+    llmlimit-*)
+        if ! printf '%s' "$hdr" | grep -qi '^x-ratelimit-limit:'; then
+            note "$scn: no X-RateLimit-Limit header on a limited request"
+            return 1
+        fi
+        ;;
+    esac
+
+    if [ "$scn" = llmlimit-redis ]; then
+        local keys
+        keys=$(redis_cli dbsize 2>/dev/null || echo 0)
+        if [ "${keys:-0}" -lt 1 ]; then
+            note "$scn: redis holds no keys: the zone is not using Redis"
+            return 1
+        fi
+    fi
+    return 0
+}
+
+
+# --- part 1: throughput and latency, round-robin -------------------------
+
+throughput() {
+    local r i n scn dir res t0 t1 cpu live=() order=() skip=" "
+
+    echo "bench: throughput: $ROUNDS rounds x {$SCENARIOS}, ${DURATION}s each," \
+         "$CONNECTIONS connections" >&2
+
+    printf 'round\tscenario\trps\tp50_us\tp90_us\tp99_us\tp999_us\trequests' \
+        > "$OUT/raw.tsv"
+    printf '\tnon2xx\tsocket_errors\tnginx_cpu_pct\tnginx_cpu_us_per_req' \
+        >> "$OUT/raw.tsv"
+    printf '\tloadavg\n' >> "$OUT/raw.tsv"
+
+    for scn in $SCENARIOS; do
+        case $scn in
+        llmlimit-*)
+            if [ ! -f "$MODULE" ]; then
+                note "$scn skipped: no module at $MODULE"
+                continue
+            fi
+            ;;
+        esac
+        if [ "$scn" = llmlimit-redis ] && ! start_redis; then
+            note "llmlimit-redis skipped: redis-server did not start"
+            continue
+        fi
+        dir=$RUN/$scn
+        write_conf "$scn" bench "$dir"
+        if ! "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" \
+             2> "$dir/test.log"
+        then
+            note "$scn skipped: nginx -t failed: $(grep emerg "$dir/test.log" \
+                  | head -1)"
+            continue
+        fi
+        live+=("$scn")
+    done
+
+    n=${#live[@]}
+    [ "$n" -gt 0 ] || die "no scenario left to run"
+
+    for ((r = 1; r <= ROUNDS; r++)); do
+        # rotate the order each round: no scenario always runs first
+        order=()
+        for ((i = 0; i < n; i++)); do
+            order+=("${live[$(( (i + r - 1) % n ))]}")
+        done
+
+        for scn in "${order[@]}"; do
+            case $skip in *" $scn "*) continue ;; esac
+            dir=$RUN/$scn
+
+            [ "$scn" = llmlimit-redis ] && redis_cli flushall >/dev/null
+
+            if ! start_nginx "$dir"; then
+                note "$scn skipped: nginx did not start:" \
+                     "$(tail -2 "$dir/error.log" "$dir/stderr.log" 2>/dev/null)"
+                skip="$skip$scn "
+                continue
+            fi
+
+            # warm-up: one full pass over the pre-built requests, so every
+            # counter exists (and, for reject, is over its limit)
+            wrk_run "$CONNECTIONS" 120s warmup=1 > "$dir/warmup.log" 2>&1 \
+                || true
+
+            if ! check_scenario "$scn"; then
+                stop_nginx
+                note "$scn skipped from round $r on"
+                skip="$skip$scn "
+                continue
+            fi
+
+            t0=$(cpu_ticks "$WORKER_PID")
+            res=$(wrk_run "$CONNECTIONS" "${DURATION}s" 2>&1 \
+                  | tee "$dir/wrk.$r.log" | grep '^BENCHRESULT' || true)
+            t1=$(cpu_ticks "$WORKER_PID")
+            stop_nginx
+
+            if [ -z "$res" ]; then
+                note "$scn round $r: wrk gave no result"
+                continue
+            fi
+
+            perl -e '
+                my ($r, $scn, $res, $ticks, $hz, $load) = @ARGV;
+                my %f = $res =~ /(\w+)=([\d.]+)/g;
+                my $s = $f{duration_us} / 1e6;
+                my $cpu = $ticks / $hz;
+                printf "%d\t%s\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%.2f\t%s\n",
+                    $r, $scn, $f{requests} / $s, $f{p50_us}, $f{p90_us},
+                    $f{p99_us}, $f{p999_us}, $f{requests}, $f{non2xx},
+                    $f{connect_errors} + $f{read_errors} + $f{write_errors}
+                        + $f{timeouts},
+                    100 * $cpu / $s,
+                    $f{requests} ? 1e6 * $cpu / $f{requests} : 0, $load;
+            ' "$r" "$scn" "$res" "$((t1 - t0))" "$HZ" \
+              "$(cut -d' ' -f1-3 /proc/loadavg | tr ' ' /)" \
+              | tee -a "$OUT/raw.tsv" | awk -F'\t' '{
+                  printf "bench: round %s %-16s %8s req/s  p50 %5.2f ms" \
+                         "  p99 %5.2f ms  nginx cpu %s%%\n",
+                         $1, $2, $3, $4 / 1000, $6 / 1000, $11 }' >&2
+        done
+    done
+
+    summarize
+}
+
+
+summarize() {
+    perl - "$OUT/raw.tsv" "$OUT/summary.dat" > "$OUT/summary.md" <<'EOF'
+use strict;
+use warnings;
+
+my ($raw, $dat) = @ARGV;
+my (%rows, %round, @order);
+
+open my $in, '<', $raw or die "$raw: $!";
+<$in>;
+while (<$in>) {
+    chomp;
+    my @f = split /\t/;
+    my %row;
+    @row{qw(round scn rps p50 p90 p99 p999 requests non2xx sockerr cpu
+            cpureq load)} = @f;
+    push @order, $row{scn} unless $rows{$row{scn}};
+    push @{ $rows{$row{scn}} }, \%row;
+    $round{$row{round}}{$row{scn}} = \%row;
+}
+close $in;
+
+sub median {
+    my @v = sort { $a <=> $b } grep { defined } @_;
+    return undef unless @v;
+    return @v % 2 ? $v[$#v / 2] : ($v[@v / 2 - 1] + $v[@v / 2]) / 2;
+}
+
+my @sorted = grep { $rows{$_} }
+             qw(bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject);
+my %known = map { $_ => 1 } @sorted;
+push @sorted, grep { !$known{$_} } @order;
+
+print "| scenario | req/s (median) | p50 ms | p99 ms | ratio to bare"
+    . " | non-2xx | nginx CPU | nginx CPU us/req | CPU ratio |\n";
+print "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+
+open my $out, '>', $dat or die "$dat: $!";
+print $out "# scenario rps p50_ms p99_ms ratio\n";
+
+my $bare_cpureq = $rows{bare} ? median(map { $_->{cpureq} } @{ $rows{bare} })
+                              : undef;
+
+for my $scn (@sorted) {
+    my $r = $rows{$scn};
+    my $rps = median(map { $_->{rps} } @$r);
+    my $p50 = median(map { $_->{p50} } @$r) / 1000;
+    my $p99 = median(map { $_->{p99} } @$r) / 1000;
+    my $cpu = median(map { $_->{cpu} } @$r);
+    my $cpureq = median(map { $_->{cpureq} } @$r);
+    my ($req, $bad) = (0, 0);
+    for (@$r) { $req += $_->{requests}; $bad += $_->{non2xx}; }
+
+    # the median of the per-round ratios: each pairs runs minutes apart
+    my @ratios;
+    for my $n (keys %round) {
+        my ($s, $b) = ($round{$n}{$scn}, $round{$n}{bare});
+        push @ratios, $s->{rps} / $b->{rps} if $s && $b && $b->{rps};
+    }
+    my $ratio = median(@ratios);
+    my $cpuratio = $bare_cpureq && $cpureq ? $bare_cpureq / $cpureq : undef;
+
+    printf "| %s | %.0f | %.2f | %.2f | %s | %s | %.0f%% | %.2f | %s |\n",
+        $scn, $rps, $p50, $p99,
+        defined $ratio ? sprintf("%.3f", $ratio) : "-",
+        $req ? sprintf("%.1f%%", 100 * $bad / $req) : "-",
+        $cpu, $cpureq,
+        defined $cpuratio ? sprintf("%.3f", $cpuratio) : "-";
+    printf $out "%s %.0f %.3f %.3f %s\n", $scn, $rps, $p50, $p99,
+        defined $ratio ? sprintf("%.3f", $ratio) : "NaN";
+}
+close $out;
+EOF
+}
+
+
+# --- part 2: identities held per MB of zone ------------------------------
+
+fill() {
+    local dir=$RUN/fill first second held mb evicted
+
+    if [ ! -f "$MODULE" ]; then
+        note "fill skipped: no module at $MODULE"
+        return
+    fi
+
+    echo "bench: fill: $FILL_IDS identities into a $FILL_ZONE zone" >&2
+    write_conf fill bench "$dir"
+    if ! start_nginx "$dir"; then
+        note "fill skipped: nginx did not start: $(tail -1 "$dir/error.log")"
+        return
+    fi
+
+    # every identity once (each passes, the zone evicts the oldest when
+    # full), then every identity again, newest first: an identity still held
+    # is over its 1/1h limit (429); the first one not held passes and from
+    # then on only evicts identities already checked.
+    first=$(perl "$BENCH/fill.pl" "$PORT" "$FILL_IDS" forward)
+    second=$(perl "$BENCH/fill.pl" "$PORT" "$FILL_IDS" reverse)
+    stop_nginx
+
+    held=$(printf '%s\n' "$second" | field s429)
+    mb=$(perl -e '
+        my $s = shift;
+        my %u = (k => 1 / 1024, m => 1, g => 1024);
+        $s =~ /^(\d+)([kmg]?)$/i or die "bad size $s\n";
+        print $1 * ($2 ? $u{lc $2} : 1 / 1048576);
+    ' "$FILL_ZONE")
+    evicted=$(grep -ci 'evict\|full' "$dir/error.log" || true)
+
+    {
+        echo "zone $FILL_ZONE, rule fill * * \$http_x_api_key 1/1h"
+        echo "pass 1 (ids 1..$FILL_IDS): $first"
+        echo "pass 2 (ids $FILL_IDS..1): $second"
+        echo "identities held: $held"
+        echo "identities per MB: $(perl -e 'printf "%.0f", $ARGV[0] / $ARGV[1]' \
+             "${held:-0}" "$mb")"
+        echo "zone-full log lines: $evicted"
+        [ "${held:-0}" -ge "$FILL_IDS" ] \
+            && echo "note: every identity was held; raise BENCH_FILL_IDS"
+    } | tee "$OUT/fill.txt" >&2
+}
+
+
+# --- part 3: instructions per request (callgrind) ------------------------
+
+callgrind() {
+    local scn dir pid res n ir reqs
+
+    command -v valgrind >/dev/null || { note "callgrind skipped: no valgrind"; return; }
+
+    echo "bench: callgrind: $CG_REQUESTS requests per scenario, 1 connection" >&2
+    mkdir -p "$OUT/callgrind"
+    printf 'scenario\trequests\tinstructions\tIr_per_request\n' \
+        > "$OUT/callgrind.tsv"
+
+    for scn in $SCENARIOS; do
+        case $scn in
+        llmlimit-*) [ -f "$MODULE" ] || continue ;;
+        esac
+        if [ "$scn" = llmlimit-redis ]; then
+            redis_cli ping >/dev/null 2>&1 || continue
+            redis_cli flushall >/dev/null
+        fi
+
+        dir=$RUN/cg-$scn
+        write_conf "$scn" callgrind "$dir"
+        "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" 2>/dev/null || continue
+
+        taskset -c "$NGINX_CPU" valgrind --tool=callgrind \
+            --callgrind-out-file="$dir/callgrind.out" \
+            "$NGINX" -p "$dir" -c "$dir/nginx.conf" 2> "$dir/valgrind.log" &
+        pid=$!
+        PIDS+=("$pid")
+
+        if ! wait_http "$pid" 600; then
+            note "callgrind $scn: nginx did not start under valgrind"
+            kill "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            forget "$pid"
+            continue
+        fi
+
+        wrk_run 1 600s warmup=1 > "$dir/warmup.log" 2>&1 || true
+        callgrind_control -z "$pid" > /dev/null
+        res=$(wrk_run 1 600s stop="$CG_REQUESTS" 2>&1 | grep '^BENCHRESULT' \
+              || true)
+        callgrind_control -d "$pid" > /dev/null
+        kill -QUIT "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        forget "$pid"
+
+        reqs=$(printf '%s\n' "$res" | field requests)
+        ir=$(sed -n 's/^summary: //p' "$dir/callgrind.out.1" 2>/dev/null || true)
+        if [ -z "$reqs" ] || [ -z "$ir" ] || [ "$reqs" = 0 ]; then
+            note "callgrind $scn: no result"
+            continue
+        fi
+        printf '%s\t%s\t%s\t%.0f\n' "$scn" "$reqs" "$ir" \
+            "$(perl -e 'print $ARGV[0] / $ARGV[1]' "$ir" "$reqs")" \
+            | tee -a "$OUT/callgrind.tsv" >&2
+
+        cp "$dir/callgrind.out.1" "$OUT/callgrind/$scn.out"
+        callgrind_annotate --inclusive=yes "$dir/callgrind.out.1" 2>/dev/null \
+            | head -80 > "$OUT/callgrind/$scn.inclusive.txt" || true
+        callgrind_annotate "$dir/callgrind.out.1" 2>/dev/null \
+            | head -60 > "$OUT/callgrind/$scn.self.txt" || true
+    done
+
+    perl -e '
+        my (%ir, @order);
+        <STDIN>;
+        while (<STDIN>) {
+            chomp;
+            my ($s, $n, $i, $per) = split /\t/;
+            $ir{$s} = $per;
+            push @order, $s;
+        }
+        print "| scenario | instructions per request | over bare |\n";
+        print "|---|---:|---:|\n";
+        for my $s (@order) {
+            printf "| %s | %.0f | %s |\n", $s, $ir{$s},
+                defined $ir{bare} ? sprintf("%+.0f", $ir{$s} - $ir{bare})
+                                  : "-";
+        }
+    ' < "$OUT/callgrind.tsv" > "$OUT/callgrind.md"
+}
+
+
+# --- part 4: chart -------------------------------------------------------
+
+chart() {
+    [ -s "$OUT/summary.dat" ] || return 0
+    command -v gnuplot >/dev/null || { note "chart skipped: no gnuplot"; return; }
+    gnuplot -e "datafile='$OUT/summary.dat'; outfile='$OUT/chart.png'" \
+        "$BENCH/chart.gp" || note "gnuplot failed"
+}
+
+
+# --- main ----------------------------------------------------------------
+
+need_packages wrk gnuplot-nox valgrind redis-server curl
+
+port_free "$PORT" || die "port $PORT is in use (set BENCH_PORT)"
+
+if [ ! -f "$MODULE" ] && [ "$(basename "$MODULE")" = ngx_http_llmlimit_module.so ]
+then
+    echo "bench: building $MODULE" >&2
+    make -C "$ROOT" build BUILD="$(dirname "$MODULE")" >&2 \
+        || note "module build failed: llmlimit scenarios skipped"
+fi
+
+mkdir -p "$OUT"
+ln -sfn "$STAMP" "$RESULTS/latest"
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "command: BENCH_DURATION=$DURATION BENCH_ROUNDS=$ROUNDS" \
+         "BENCH_CONNECTIONS=$CONNECTIONS BENCH_KEYS=$KEYS make bench"
+    echo "nginx: $("$NGINX" -v 2>&1 | sed 's/.*: //')"
+    echo "module: $MODULE"
+    echo "wrk: $(wrk -v 2>&1 | head -1)"
+    echo "cpu: $(nproc) x $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+    echo "kernel: $(uname -r)"
+    echo "nginx + redis on CPU $NGINX_CPU, wrk on CPU $CLIENT_CPU"
+    echo "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+} > "$OUT/env.txt"
+
+for part in $PARTS; do
+    case $part in
+    throughput) throughput ;;
+    fill)       fill ;;
+    callgrind)  callgrind ;;
+    chart)      chart ;;
+    *)          die "unknown part $part" ;;
+    esac
+done
+
+echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/env.txt"
+
+{
+    echo "# llmlimit benchmark $STAMP"
+    echo
+    sed 's/^/    /' "$OUT/env.txt"
+    if [ -s "$OUT/summary.md" ]; then
+        echo
+        echo "## Throughput and latency ($ROUNDS rounds x ${DURATION}s," \
+             "medians; ratio = median of per-round ratios to bare)"
+        echo
+        cat "$OUT/summary.md"
+    fi
+    if [ -s "$OUT/fill.txt" ]; then
+        echo
+        echo "## Identities held per MB of zone"
+        echo
+        sed 's/^/    /' "$OUT/fill.txt"
+    fi
+    if [ -s "$OUT/callgrind.md" ]; then
+        echo
+        echo "## Instructions per request (callgrind, $CG_REQUESTS requests)"
+        echo
+        cat "$OUT/callgrind.md"
+    fi
+    if [ ${#NOTES[@]} -gt 0 ]; then
+        echo
+        echo "## Notes"
+        echo
+        printf -- '- %s\n' "${NOTES[@]}"
+    fi
+    echo
+    echo "Numbers from a shared machine are noisy: compare ratios from one run," \
+         "not absolute numbers across runs."
+} > "$OUT/report.md"
+
+echo
+cat "$OUT/report.md"
+echo
+echo "bench: results in $OUT"
