@@ -439,6 +439,66 @@ sub count_re {
            'cleanly') or diag($log);
 
     $t->{pid} = undef;
+    $t->check_logs('fast shutdown') if valgrind();
+
+    $rd->stop;
+}
+
+
+# ---------------------------------------------------------------------------
+# worker_shutdown_timeout while replies are owed: the requests are freed
+# (their cleanup detaches them), then the Redis connection is closed
+
+{
+    my $rd = LLMLimit::Redis->new;
+
+    my $t = LLMLimit::Test->new(
+        name   => 'shutdown timeout',
+        main   => 'worker_shutdown_timeout 1s;',
+        http   => qq{
+            llmlimit_zone rz 1m redis=} . $rd->addr . qq{ redis_timeout=30s
+                          redis_failure=closed;
+            llmlimit_rules api zone=rz {
+                "Q"  GET  /q  \$http_x_api_key  100/1h;
+            }
+        },
+        config => q{
+            location /q { llmlimit api; proxy_pass http://%%BACKEND%%; }
+        },
+    )->start;
+
+    is($t->conn->req('GET /q', headers => { 'X-Api-Key' => 'k' })->status,
+       200, 'connected');
+    $t->conn->close;
+
+    my $pause = $rd->send_only('CLIENT', 'PAUSE', int(4000 * $SLOW), 'ALL');
+
+    my @socks = map {
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1:' . $t->port,
+                                      Proto => 'tcp');
+        print $s "GET /q HTTP/1.1\r\nHost: x\r\nX-Api-Key: w$_\r\n\r\n";
+        $s;
+    } 1 .. 3;
+
+    sleep 0.3;
+
+    my $t0 = time;
+    kill 'QUIT', $t->{pid};
+    my $end = time + 20 * $SLOW;
+    sleep 0.05 while time < $end && $t->alive;
+    ok(!$t->alive, 'nginx exited');
+    ok(time - $t0 < 3.5 * $SLOW, 'after worker_shutdown_timeout, not after '
+       . 'the replies') or diag(time - $t0);
+    close $_ for @socks;
+
+    my $log = $t->error_log;
+    unlike($log, qr/exited on signal|open socket|\[alert\]|\[crit\]/,
+           'cleanly') or diag($log);
+
+    $t->{pid} = undef;
+    $t->check_logs('shutdown timeout') if valgrind();
+
+    close $pause;
     $rd->stop;
 }
 
