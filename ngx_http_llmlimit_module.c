@@ -543,7 +543,7 @@ ngx_http_llmlimit_done(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b)
     ngx_connection_t         *c;
     ngx_http_llmlimit_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_llmlimit_module);
+    ctx = ngx_http_llmlimit_get_ctx(r);
     if (ctx == NULL) {
         return;
     }
