@@ -28,7 +28,7 @@ deps:
 	        --no-install-recommends $$missing; \
 	fi
 
-$(BUILD)/nginx/Makefile: $(NGX_SRC)/conf_flags config
+$(BUILD)/nginx/objs/Makefile: $(NGX_SRC)/conf_flags config
 	rm -rf $(BUILD)/nginx
 	mkdir -p $(BUILD)
 	cp -r $(NGX_SRC) $(BUILD)/nginx
@@ -38,7 +38,7 @@ $(BUILD)/nginx/Makefile: $(NGX_SRC)/conf_flags config
 	        --with-ld-opt="-fPIC $(LD_OPT)" \
 	        --add-dynamic-module=$(CURDIR) > $(BUILD)/configure.log
 
-$(MODULE): $(BUILD)/nginx/Makefile $(SOURCES)
+$(MODULE): $(BUILD)/nginx/objs/Makefile $(SOURCES)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
 	@# a new inode: a running nginx keeps the old file mapped
 	cp $(BUILD)/nginx/objs/ngx_http_llmlimit_module.so $@.tmp
