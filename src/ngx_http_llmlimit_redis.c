@@ -8,8 +8,11 @@
  * The Redis store.  Each worker holds one hiredis asynchronous connection
  * per zone, driven by nginx's event loop through the adapter below; all
  * requests of the worker share it, so commands issued while others are in
- * flight are pipelined.  One EVALSHA per request checks and counts all of
- * its counters in the zone (see ngx_http_llmlimit_redis_lua.h).
+ * flight are pipelined.  The requests of one turn of the event loop go out
+ * together in a call, one EVALSHA that checks and counts the counters of
+ * each of them in the zone, request by request (see
+ * ngx_http_llmlimit_redis_lua.h); a posted event sends the calls at the end
+ * of the turn.
  *
  * Connection states:
  *
@@ -59,11 +62,21 @@
 /* reads of one readiness notification before yielding to other events */
 #define NGX_HTTP_LLMLIMIT_REDIS_READS       64
 
+/* requests and counters of one call, at most; a request always fits */
+#define NGX_HTTP_LLMLIMIT_REDIS_BATCH       64
+#define NGX_HTTP_LLMLIMIT_REDIS_KEYS        256
+
+#if (NGX_HTTP_LLMLIMIT_REDIS_KEYS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+#error "a call must hold the counters of a request"
+#endif
+
+/* EVALSHA sha numkeys key... m n... (algorithm period count)... */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
-    (3 + 4 * NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+    (4 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 4 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
 
 
 typedef struct ngx_http_llmlimit_redis_wait_s  ngx_http_llmlimit_redis_wait_t;
+typedef struct ngx_http_llmlimit_redis_call_s  ngx_http_llmlimit_redis_call_t;
 
 
 struct ngx_http_llmlimit_redis_s {
@@ -91,6 +104,10 @@ struct ngx_http_llmlimit_redis_s {
     ngx_queue_t                     free;
     ngx_uint_t                      pending;
 
+    ngx_queue_t                     calls;         /* not sent yet */
+    ngx_queue_t                     free_calls;
+    ngx_event_t                     flush;         /* sends the calls */
+
     const char                    **argv;
     size_t                         *argvlen;
     u_char                         *buf;
@@ -102,7 +119,17 @@ struct ngx_http_llmlimit_redis_s {
 };
 
 
-/* a request owed a reply; owned by hiredis until its callback runs */
+/* what a call sends for a counter: a copy, the request may go first */
+
+typedef struct {
+    u_char                          hash[16];
+    ngx_msec_t                      period;
+    ngx_uint_t                      count;
+    ngx_uint_t                      algorithm;
+} ngx_http_llmlimit_redis_counter_t;
+
+
+/* a request owed a reply; owned by its call until the call's reply */
 
 struct ngx_http_llmlimit_redis_wait_s {
     ngx_http_llmlimit_redis_t      *redis;
@@ -111,19 +138,41 @@ struct ngx_http_llmlimit_redis_wait_s {
     ngx_pool_cleanup_t             *cln;
     ngx_event_t                     timer;
     ngx_queue_t                     queue;
+    ngx_int_t                       rc;
+    ngx_uint_t                      n;
+    ngx_http_llmlimit_redis_counter_t  counters[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
+};
+
+
+/*
+ * The requests of one EVALSHA, in order; in redis->calls until sent,
+ * then owned by hiredis until its callback runs.
+ */
+
+struct ngx_http_llmlimit_redis_call_s {
+    ngx_http_llmlimit_redis_t      *redis;
+    ngx_uint_t                      nwaits;
+    ngx_uint_t                      nkeys;
+    ngx_queue_t                     queue;
     unsigned                        eval:1;        /* resent with EVAL */
+    ngx_http_llmlimit_redis_wait_t *waits[NGX_HTTP_LLMLIMIT_REDIS_BATCH];
 };
 
 
 static ngx_int_t ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
+    ngx_http_llmlimit_redis_t *redis, ngx_uint_t n);
+static void ngx_http_llmlimit_redis_flush(ngx_event_t *ev);
 static ngx_int_t ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
-    ngx_http_llmlimit_redis_wait_t *w);
+    ngx_http_llmlimit_redis_call_t *call);
 static void ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     void *privdata);
 static ngx_int_t ngx_http_llmlimit_redis_result(
-    ngx_http_llmlimit_redis_t *redis, ngx_http_llmlimit_batch_t *b,
+    ngx_http_llmlimit_redis_t *redis, ngx_http_llmlimit_redis_call_t *call,
     redisReply *reply);
+static void ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_call_t *call, ngx_int_t rc);
 static void ngx_http_llmlimit_redis_timeout(ngx_event_t *ev);
 static void ngx_http_llmlimit_redis_cleanup(void *data);
 static void ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w);
@@ -173,10 +222,14 @@ static ngx_int_t
 ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b)
 {
-    ngx_queue_t                     *q;
-    ngx_pool_cleanup_t              *cln;
-    ngx_http_llmlimit_redis_t       *redis;
-    ngx_http_llmlimit_redis_wait_t  *w;
+    ngx_uint_t                          i;
+    ngx_queue_t                        *q;
+    ngx_pool_cleanup_t                 *cln;
+    ngx_http_llmlimit_redis_t          *redis;
+    ngx_http_llmlimit_counter_t        *c;
+    ngx_http_llmlimit_redis_call_t     *call;
+    ngx_http_llmlimit_redis_wait_t     *w;
+    ngx_http_llmlimit_redis_counter_t  *wc;
 
     redis = b->zone->redis;
 
@@ -214,6 +267,11 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
+    call = ngx_http_llmlimit_redis_call(redis, b->n);
+    if (call == NULL) {
+        return NGX_ERROR;
+    }
+
     cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {
         return NGX_ERROR;
@@ -238,13 +296,21 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     w->r = r;
     w->b = b;
     w->cln = cln;
-    w->eval = 0;
+    w->rc = NGX_ERROR;
+    w->n = b->n;
 
-    if (ngx_http_llmlimit_redis_send(redis, w) != NGX_OK) {
-        w->r = NULL;
-        ngx_queue_insert_head(&redis->free, &w->queue);
-        return NGX_ERROR;
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+        wc = &w->counters[i];
+
+        ngx_memcpy(wc->hash, c->hash, 16);
+        wc->period = c->period;
+        wc->count = c->count;
+        wc->algorithm = c->algorithm;
     }
+
+    call->waits[call->nwaits++] = w;
+    call->nkeys += b->n;
 
     ngx_queue_insert_tail(&redis->busy, &w->queue);
 
@@ -260,34 +326,124 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
 
     b->data = w;
 
+    /* sent at the end of this turn, with the other requests of the turn */
+
+    if (!redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
+
     return NGX_AGAIN;
 }
 
 
+/* the call that takes a request of n counters, opened if need be */
+
+static ngx_http_llmlimit_redis_call_t *
+ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n)
+{
+    ngx_queue_t                     *q;
+    ngx_http_llmlimit_redis_call_t  *call;
+
+    if (!ngx_queue_empty(&redis->calls)) {
+        q = ngx_queue_last(&redis->calls);
+        call = ngx_queue_data(q, ngx_http_llmlimit_redis_call_t, queue);
+
+        if (call->nwaits < NGX_HTTP_LLMLIMIT_REDIS_BATCH
+            && call->nkeys + n <= NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+        {
+            return call;
+        }
+    }
+
+    if (!ngx_queue_empty(&redis->free_calls)) {
+        q = ngx_queue_head(&redis->free_calls);
+        ngx_queue_remove(q);
+        call = ngx_queue_data(q, ngx_http_llmlimit_redis_call_t, queue);
+
+    } else {
+        call = ngx_palloc(redis->pool, sizeof(ngx_http_llmlimit_redis_call_t));
+        if (call == NULL) {
+            return NULL;
+        }
+
+        call->redis = redis;
+    }
+
+    call->nwaits = 0;
+    call->nkeys = 0;
+    call->eval = 0;
+
+    ngx_queue_insert_tail(&redis->calls, &call->queue);
+
+    return call;
+}
+
+
+/* the end of the turn: the calls go to hiredis, in order */
+
+static void
+ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
+{
+    ngx_http_llmlimit_redis_t *redis = ev->data;
+
+    ngx_queue_t                     *q;
+    ngx_http_llmlimit_redis_call_t  *call;
+
+    while (!ngx_queue_empty(&redis->calls)) {
+        q = ngx_queue_head(&redis->calls);
+        ngx_queue_remove(q);
+        call = ngx_queue_data(q, ngx_http_llmlimit_redis_call_t, queue);
+
+        if (call->nwaits == 0) {
+            /* opened by a check that failed next */
+            ngx_queue_insert_head(&redis->free_calls, &call->queue);
+            continue;
+        }
+
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                       "llmlimit redis call: %ui requests, %ui counters",
+                       call->nwaits, call->nkeys);
+
+        if (redis->ac == NULL
+            || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN)
+        {
+            ngx_http_llmlimit_redis_fail(redis, "not connected");
+            ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
+            continue;
+        }
+
+        if (ngx_http_llmlimit_redis_send(redis, call) != NGX_OK) {
+            ngx_http_llmlimit_redis_fail(redis, "cannot send EVALSHA");
+            ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
+        }
+    }
+}
+
+
 /*
- * EVALSHA sha n key... (algorithm period count)... or, after NOSCRIPT,
- * the same with EVAL and the script.  Keys are
- * PREFIX{hex of the counter's hash}:PERIOD: one budget's counters share
- * a hash slot, and no identity appears in clear.
+ * EVALSHA sha numkeys key... m n... (algorithm period count)... or, after
+ * NOSCRIPT, the same with EVAL and the script: m requests of n counters
+ * each.  Keys are PREFIX{hex of the counter's hash}:PERIOD: one budget's
+ * counters share a hash slot, and no identity appears in clear.
  */
 
 static ngx_int_t
 ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
-    ngx_http_llmlimit_redis_wait_t *w)
+    ngx_http_llmlimit_redis_call_t *call)
 {
-    int                           argc;
-    u_char                       *p, *start;
-    size_t                       *argvlen;
-    ngx_uint_t                    i, n;
-    const char                  **argv;
-    ngx_http_llmlimit_counter_t  *c;
+    int                                 argc, k, a;
+    u_char                             *p, *start;
+    size_t                             *argvlen;
+    ngx_uint_t                          i, j;
+    const char                        **argv;
+    ngx_http_llmlimit_redis_wait_t     *w;
+    ngx_http_llmlimit_redis_counter_t  *c;
 
-    n = w->b->n;
     argv = redis->argv;
     argvlen = redis->argvlen;
     p = redis->buf;
 
-    if (w->eval) {
+    if (call->eval) {
         argv[0] = "EVAL";
         argvlen[0] = 4;
         argv[1] = ngx_http_llmlimit_redis_lua;
@@ -301,46 +457,60 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     }
 
     start = p;
-    p = ngx_sprintf(p, "%ui", n);
+    p = ngx_sprintf(p, "%ui", call->nkeys);
     argv[2] = (const char *) start;
     argvlen[2] = p - start;
 
-    argc = 3;
+    /* keys from 3, then m, the n's, and the numbers of the counters */
 
-    for (i = 0; i < n; i++) {
-        c = &w->b->counters[i];
+    k = 3;
+    argc = 3 + call->nkeys;
+
+    start = p;
+    p = ngx_sprintf(p, "%ui", call->nwaits);
+    argv[argc] = (const char *) start;
+    argvlen[argc++] = p - start;
+
+    a = argc + call->nwaits;
+
+    for (j = 0; j < call->nwaits; j++) {
+        w = call->waits[j];
 
         start = p;
-        p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
-        *p++ = '{';
-        p = ngx_hex_dump(p, c->hash, 16);
-        p = ngx_sprintf(p, "}:%M", c->period);
-
+        p = ngx_sprintf(p, "%ui", w->n);
         argv[argc] = (const char *) start;
         argvlen[argc++] = p - start;
+
+        for (i = 0; i < w->n; i++) {
+            c = &w->counters[i];
+
+            start = p;
+            p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
+            *p++ = '{';
+            p = ngx_hex_dump(p, c->hash, 16);
+            p = ngx_sprintf(p, "}:%M", c->period);
+            argv[k] = (const char *) start;
+            argvlen[k++] = p - start;
+
+            start = p;
+            p = ngx_sprintf(p, "%ui", c->algorithm);
+            argv[a] = (const char *) start;
+            argvlen[a++] = p - start;
+
+            start = p;
+            p = ngx_sprintf(p, "%M", c->period);
+            argv[a] = (const char *) start;
+            argvlen[a++] = p - start;
+
+            start = p;
+            p = ngx_sprintf(p, "%ui", c->count);
+            argv[a] = (const char *) start;
+            argvlen[a++] = p - start;
+        }
     }
 
-    for (i = 0; i < n; i++) {
-        c = &w->b->counters[i];
-
-        start = p;
-        p = ngx_sprintf(p, "%ui", c->algorithm);
-        argv[argc] = (const char *) start;
-        argvlen[argc++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%M", c->period);
-        argv[argc] = (const char *) start;
-        argvlen[argc++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%ui", c->count);
-        argv[argc] = (const char *) start;
-        argvlen[argc++] = p - start;
-    }
-
-    if (redisAsyncCommandArgv(redis->ac, ngx_http_llmlimit_redis_reply, w,
-                              argc, argv, argvlen)
+    if (redisAsyncCommandArgv(redis->ac, ngx_http_llmlimit_redis_reply, call,
+                              a, argv, argvlen)
         != REDIS_OK)
     {
         return NGX_ERROR;
@@ -354,18 +524,15 @@ static void
 ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     void *privdata)
 {
-    ngx_http_llmlimit_redis_wait_t *w = privdata;
+    ngx_http_llmlimit_redis_call_t *call = privdata;
 
     ngx_int_t                   rc;
+    ngx_uint_t                  i, waiting;
     redisReply                 *rp;
-    ngx_http_request_t         *r;
-    ngx_http_llmlimit_batch_t  *b;
     ngx_http_llmlimit_redis_t  *redis;
 
-    redis = w->redis;
+    redis = call->redis;
     rp = reply;
-    r = w->r;
-    b = w->b;
 
     if (rp == NULL) {
 
@@ -378,34 +545,36 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
             redis->state = NGX_HTTP_LLMLIMIT_REDIS_DOWN;
         }
 
-        ngx_http_llmlimit_redis_release(w);
-
-        if (r == NULL) {
-            return;
-        }
-
-        b->rc = NGX_ERROR;
-        b->done(r, b);
+        ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
         return;
     }
 
     redis->since = ngx_current_msec;
 
-    if (r == NULL) {
-        /* late, or the request is gone */
-        ngx_http_llmlimit_redis_release(w);
+    waiting = 0;
+
+    for (i = 0; i < call->nwaits; i++) {
+        if (call->waits[i]->r) {
+            waiting = 1;
+            break;
+        }
+    }
+
+    if (!waiting) {
+        /* late, or the requests are gone */
+        ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
         return;
     }
 
-    if (rp->type == REDIS_REPLY_ERROR && !w->eval
+    if (rp->type == REDIS_REPLY_ERROR && !call->eval
         && rp->len >= 8 && ngx_strncmp(rp->str, "NOSCRIPT", 8) == 0)
     {
-        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, redis->log, 0,
                        "llmlimit redis NOSCRIPT, sending the script");
 
-        w->eval = 1;
+        call->eval = 1;
 
-        if (ngx_http_llmlimit_redis_send(redis, w) == NGX_OK) {
+        if (ngx_http_llmlimit_redis_send(redis, call) == NGX_OK) {
             return;
         }
 
@@ -413,40 +582,45 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
         ngx_http_llmlimit_redis_fail(redis, "cannot send EVAL");
 
     } else {
-        rc = ngx_http_llmlimit_redis_result(redis, b, rp);
+        rc = ngx_http_llmlimit_redis_result(redis, call, rp);
     }
-
-    ngx_http_llmlimit_redis_release(w);
 
     if (rc != NGX_ERROR) {
         ngx_http_llmlimit_redis_ok(redis);
     }
 
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "llmlimit redis reply: %i", rc);
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis reply: %i, %ui requests",
+                   rc, call->nwaits);
 
-    b->rc = rc;
-    b->done(r, b);
+    ngx_http_llmlimit_redis_finish(redis, call, rc);
 }
 
 
-/* validates the whole reply before it touches a counter */
+/*
+ * validates the whole reply before it touches a counter; sets each
+ * request's rc and, for those still waiting, their counters' results
+ */
 
 static ngx_int_t
 ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
-    ngx_http_llmlimit_batch_t *b, redisReply *reply)
+    ngx_http_llmlimit_redis_call_t *call, redisReply *reply)
 {
-    long long                     v, max;
-    ngx_uint_t                    i, j, rejected;
-    redisReply                  **e;
-    ngx_http_llmlimit_counter_t  *c;
+    long long                           v, max;
+    ngx_uint_t                          i, j, k, o, rejected;
+    redisReply                        **e;
+    ngx_http_llmlimit_counter_t        *c;
+    ngx_http_llmlimit_redis_wait_t     *w;
+    ngx_http_llmlimit_redis_counter_t  *wc;
 
     if (reply->type == REDIS_REPLY_ERROR) {
         ngx_http_llmlimit_redis_error(redis, "error reply", reply);
         return NGX_ERROR;
     }
 
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 1 + 4 * b->n) {
+    if (reply->type != REDIS_REPLY_ARRAY
+        || reply->elements != call->nwaits + 4 * call->nkeys)
+    {
         ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
         return NGX_ERROR;
     }
@@ -460,43 +634,97 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         }
     }
 
-    rejected = 0;
+    /* request k's results start at o: status, then 4 per counter */
 
-    for (i = 0; i < b->n; i++) {
-        c = &b->counters[i];
-        max = 2 * (long long) c->period + 1000;
+    for (k = 0, o = 0; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+        w = call->waits[k];
+        rejected = 0;
 
-        for (j = 1; j <= 4; j++) {
-            v = e[4 * i + j]->integer;
+        for (i = 0; i < w->n; i++) {
+            wc = &w->counters[i];
+            max = 2 * (long long) wc->period + 1000;
 
-            if (v < 0
-                || (j == 1 && v > 1)
-                || (j == 2 && v > (long long) c->count)
-                || (j >= 3 && v > max))
-            {
-                ngx_http_llmlimit_redis_fail(redis, "reply out of range");
-                return NGX_ERROR;
+            for (j = 1; j <= 4; j++) {
+                v = e[o + 4 * i + j]->integer;
+
+                if (v < 0
+                    || (j == 1 && v > 1)
+                    || (j == 2 && v > (long long) wc->count)
+                    || (j >= 3 && v > max))
+                {
+                    ngx_http_llmlimit_redis_fail(redis, "reply out of range");
+                    return NGX_ERROR;
+                }
             }
+
+            rejected |= e[o + 4 * i + 1]->integer;
         }
 
-        rejected |= e[4 * i + 1]->integer;
+        if (e[o]->integer != (long long) rejected) {
+            ngx_http_llmlimit_redis_fail(redis, "inconsistent reply");
+            return NGX_ERROR;
+        }
     }
 
-    if (e[0]->integer != (long long) rejected) {
-        ngx_http_llmlimit_redis_fail(redis, "inconsistent reply");
-        return NGX_ERROR;
+    for (k = 0, o = 0; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+        w = call->waits[k];
+        w->rc = e[o]->integer ? NGX_BUSY : NGX_OK;
+
+        if (w->r == NULL) {
+            continue;
+        }
+
+        for (i = 0; i < w->n; i++) {
+            c = &w->b->counters[i];
+
+            c->rejected = e[o + 4 * i + 1]->integer ? 1 : 0;
+            c->remaining = (ngx_uint_t) e[o + 4 * i + 2]->integer;
+            c->reset = (ngx_msec_t) e[o + 4 * i + 3]->integer;
+            c->retry = (ngx_msec_t) e[o + 4 * i + 4]->integer;
+        }
     }
 
-    for (i = 0; i < b->n; i++) {
-        c = &b->counters[i];
+    return NGX_OK;
+}
 
-        c->rejected = e[4 * i + 1]->integer ? 1 : 0;
-        c->remaining = (ngx_uint_t) e[4 * i + 2]->integer;
-        c->reset = (ngx_msec_t) e[4 * i + 3]->integer;
-        c->retry = (ngx_msec_t) e[4 * i + 4]->integer;
+
+/*
+ * The call is done: each request still waiting is resumed with its own
+ * result, or with NGX_ERROR if the call failed.  A resumed request may
+ * finalize another of the call (its cleanup clears w->r) or start new
+ * checks (new calls): w->r is read afresh for each.
+ */
+
+static void
+ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_call_t *call, ngx_int_t rc)
+{
+    ngx_int_t                        wrc;
+    ngx_uint_t                       i;
+    ngx_http_request_t              *r;
+    ngx_http_llmlimit_batch_t       *b;
+    ngx_http_llmlimit_redis_wait_t  *w;
+
+    for (i = 0; i < call->nwaits; i++) {
+        w = call->waits[i];
+        r = w->r;
+        b = w->b;
+        wrc = (rc == NGX_ERROR) ? NGX_ERROR : w->rc;
+
+        ngx_http_llmlimit_redis_release(w);
+
+        if (r == NULL) {
+            continue;
+        }
+
+        b->rc = wrc;
+        b->done(r, b);
     }
 
-    return rejected ? NGX_BUSY : NGX_OK;
+    call->nwaits = 0;
+    call->nkeys = 0;
+
+    ngx_queue_insert_head(&redis->free_calls, &call->queue);
 }
 
 
@@ -513,7 +741,7 @@ ngx_http_llmlimit_redis_timeout(ngx_event_t *ev)
     r = w->r;
     b = w->b;
 
-    /* hiredis still owns w: the late reply finds w->r == NULL */
+    /* the call still holds w: its late reply finds w->r == NULL */
 
     w->r = NULL;
     w->cln->handler = NULL;
@@ -552,7 +780,7 @@ ngx_http_llmlimit_redis_cleanup(void *data)
 }
 
 
-/* hiredis is done with w */
+/* the call is done with w */
 
 static void
 ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w)
@@ -1458,11 +1686,11 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->argvlen = ngx_palloc(redis->pool,
                                 NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(size_t));
 
-    /* a key and three numbers per counter, the number of keys */
+    /* a key and three numbers per counter, a number per request, two */
 
-    size = NGX_HTTP_LLMLIMIT_MAX_COUNTERS
+    size = NGX_HTTP_LLMLIMIT_REDIS_KEYS
            * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 4 * NGX_INT64_LEN)
-           + NGX_INT64_LEN;
+           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 2) * NGX_INT64_LEN;
 
     redis->buf = ngx_pnalloc(redis->pool, size);
 
@@ -1472,6 +1700,12 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
 
     ngx_queue_init(&redis->busy);
     ngx_queue_init(&redis->free);
+    ngx_queue_init(&redis->calls);
+    ngx_queue_init(&redis->free_calls);
+
+    redis->flush.handler = ngx_http_llmlimit_redis_flush;
+    redis->flush.data = redis;
+    redis->flush.log = cycle->log;
 
     redis->event.handler = ngx_http_llmlimit_redis_timer;
     redis->event.data = redis;
@@ -1511,7 +1745,11 @@ ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
         ngx_del_timer(&redis->event);
     }
 
-    /* requests still waiting are not resumed any more */
+    if (redis->flush.posted) {
+        ngx_delete_posted_event(&redis->flush);
+    }
+
+    /* requests still waiting are not resumed any more, nor sent */
 
     for (q = ngx_queue_head(&redis->busy);
          q != ngx_queue_sentinel(&redis->busy);

@@ -9,30 +9,36 @@
 
 
 /*
- * The Redis script: checks all counters of one request, then counts all
- * of them or none.  It mirrors src/ngx_http_llmlimit_algo.c line by line;
- * a change there must be made here too.
+ * The Redis script: checks and counts the requests of one event-loop turn
+ * of a worker, in order, each on its own: all counters of a request are
+ * checked, then all of them are counted or none.  It mirrors
+ * src/ngx_http_llmlimit_algo.c line by line; a change there must be made
+ * here too.
  *
- *   KEYS[i]                      the counter's key
- *   ARGV[3i-2], ARGV[3i-1], ARGV[3i]
- *                                algorithm (0 sliding, 1 fixed, 2 gcra),
- *                                period (ms), count
+ *   KEYS                         the counters' keys, request after request
+ *   ARGV[1]                      the number of requests, m
+ *   ARGV[1 + j]                  the number of counters of request j
+ *   ARGV[m + 3i - 1 .. m + 3i + 1]
+ *                                counter i (as in KEYS): algorithm
+ *                                (0 sliding, 1 fixed, 2 gcra), period (ms),
+ *                                count
  *
- * Returns { status, rejected_1, remaining_1, reset_1, retry_1, ... },
- * status 1 when some counter is over its limit (nothing counted), else 0.
+ * Returns, request after request, { status, rejected_1, remaining_1,
+ * reset_1, retry_1, ... }, status 1 when some counter of the request is
+ * over its limit (nothing of it counted), else 0.  One TIME for all.
  *
  * State per key, a string "ALGORITHM T CUR PREV" (T: window start in ms,
  * or the GCRA theoretical arrival time in microseconds), with a TTL at
- * which it is worth no more than a fresh one.  Lua numbers are doubles:
- * all values stay below 2^53 (counts below 2^29).
+ * which it is worth no more than a fresh one; keys no request counted are
+ * not written.  Lua numbers are doubles: all values stay below 2^53
+ * (counts below 2^29).
  */
 
 static const char  ngx_http_llmlimit_redis_lua[] =
 "local floor, max, min = math.floor, math.max, math.min\n"
 "local tm = redis.call('TIME')\n"
 "local now = tonumber(tm[1]) * 1000 + floor(tonumber(tm[2]) / 1000)\n"
-"local n = #KEYS\n"
-"local states, cs, out = {}, {}, {0}\n"
+"local states, dirty, out = {}, {}, {}\n"
 "\n"
 "local function unit(P)\n"
 "  local u = 1\n"
@@ -109,59 +115,71 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "  return w * u - (now - s.t) % u\n"
 "end\n"
 "\n"
-"for i = 1, n do\n"
-"  local a = tonumber(ARGV[3 * i - 2])\n"
-"  local P = tonumber(ARGV[3 * i - 1])\n"
-"  local C = tonumber(ARGV[3 * i])\n"
-"  local s = load(KEYS[i], a)\n"
-"  roll(s, a, P)\n"
-"  local r = remaining(s, a, P, C)\n"
-"  local rej, retry = 0, 0\n"
-"  if r < 1 then\n"
-"    rej, retry = 1, wait(s, a, P, C, 1)\n"
-"    out[1] = 1\n"
-"  end\n"
-"  cs[i] = {s = s, a = a, P = P, C = C}\n"
-"  out[4 * i - 2] = rej\n"
-"  out[4 * i - 1] = r\n"
-"  out[4 * i] = wait(s, a, P, C, r + 1)\n"
-"  out[4 * i + 1] = retry\n"
-"end\n"
+"local m = tonumber(ARGV[1])\n"
+"local ki, ai, o = 0, m + 1, 0\n"
 "\n"
-"if out[1] == 1 then return out end\n"
+"for j = 1, m do\n"
+"  local n = tonumber(ARGV[1 + j])\n"
+"  local cs = {}\n"
+"  out[o + 1] = 0\n"
 "\n"
-"for i = 1, n do\n"
-"  local c = cs[i]\n"
-"  local s, a, P, C = c.s, c.a, c.P, c.C\n"
-"  if a == 2 then\n"
-"    local T = floor((P * 1000 + C - 1) / C)\n"
-"    s.t = max(s.t, now * 1000) + T\n"
-"  elseif s.cur < 4294967295 then\n"
-"    s.cur = s.cur + 1\n"
-"  end\n"
-"  local r = remaining(s, a, P, C)\n"
-"  out[4 * i - 1] = r\n"
-"  out[4 * i] = wait(s, a, P, C, r + 1)\n"
-"end\n"
-"\n"
-"local saved = {}\n"
-"for i = 1, n do\n"
-"  local key, c = KEYS[i], cs[i]\n"
-"  if not saved[key] then\n"
-"    saved[key] = true\n"
-"    local s, a, P = c.s, c.a, c.P\n"
-"    local e\n"
-"    if a == 2 then\n"
-"      e = floor((s.t + 999) / 1000)\n"
-"    elseif a == 1 then\n"
-"      e = s.t + P\n"
-"    else\n"
-"      e = s.t + 2 * P\n"
+"  for i = 1, n do\n"
+"    local key = KEYS[ki + i]\n"
+"    local a = tonumber(ARGV[ai + 3 * i - 2])\n"
+"    local P = tonumber(ARGV[ai + 3 * i - 1])\n"
+"    local C = tonumber(ARGV[ai + 3 * i])\n"
+"    local s = load(key, a)\n"
+"    roll(s, a, P)\n"
+"    local r = remaining(s, a, P, C)\n"
+"    local rej, retry = 0, 0\n"
+"    if r < 1 then\n"
+"      rej, retry = 1, wait(s, a, P, C, 1)\n"
+"      out[o + 1] = 1\n"
 "    end\n"
-"    redis.call('SET', key,\n"
-"      string.format('%d %.0f %.0f %.0f', a, s.t, s.cur, s.prev),\n"
-"      'PX', max(e - now, 1))\n"
+"    cs[i] = {key = key, s = s, a = a, P = P, C = C}\n"
+"    out[o + 4 * i - 2] = rej\n"
+"    out[o + 4 * i - 1] = r\n"
+"    out[o + 4 * i] = wait(s, a, P, C, r + 1)\n"
+"    out[o + 4 * i + 1] = retry\n"
 "  end\n"
+"\n"
+"  if out[o + 1] == 0 then\n"
+"    for i = 1, n do\n"
+"      local c = cs[i]\n"
+"      local s, a, P, C = c.s, c.a, c.P, c.C\n"
+"      if a == 2 then\n"
+"        local T = floor((P * 1000 + C - 1) / C)\n"
+"        s.t = max(s.t, now * 1000) + T\n"
+"      elseif s.cur < 4294967295 then\n"
+"        s.cur = s.cur + 1\n"
+"      end\n"
+"      local r = remaining(s, a, P, C)\n"
+"      out[o + 4 * i - 1] = r\n"
+"      out[o + 4 * i] = wait(s, a, P, C, r + 1)\n"
+"      if not dirty[c.key] then\n"
+"        dirty[c.key] = true\n"
+"        dirty[#dirty + 1] = c\n"
+"      end\n"
+"    end\n"
+"  end\n"
+"\n"
+"  ki, ai, o = ki + n, ai + 3 * n, o + 1 + 4 * n\n"
+"end\n"
+"\n"
+"for i = 1, #dirty do\n"
+"  local c = dirty[i]\n"
+"  local key, s, a, P = c.key, c.s, c.a, c.P\n"
+"  local e\n"
+"  if a == 2 then\n"
+"    e = floor((s.t + 999) / 1000)\n"
+"  elseif a == 1 then\n"
+"    e = s.t + P\n"
+"  else\n"
+"    e = s.t + 2 * P\n"
+"  end\n"
+"  redis.call('SET', key,\n"
+"    string.format('%d %.0f %.0f %.0f', a, s.t, s.cur, s.prev),\n"
+"    'PX', max(e - now, 1))\n"
 "end\n"
 "\n"
 "return out\n";

@@ -2,9 +2,11 @@
 # computes: a small C driver, built here against the repository's algo.c
 # and script, replays random request sequences (several counters, all three
 # algorithms, periods from 1s to 30d, times from bursts to gaps of two
-# periods) through both and compares every result algo.c defines.  The script gets the
-# driver's clock instead of TIME, and keys without TTLs, so that both see
-# the same time.
+# periods) through both and compares every result algo.c defines.  Some
+# steps send several requests (sharing counters) in one call, as a worker
+# does with the requests of one event-loop turn; algo.c sees them one after
+# the other.  The script gets the driver's clock instead of TIME, and keys
+# without TTLs, so that both see the same time.
 #
 # Needs gcc, libhiredis-dev and the configured nginx tree of the build
 # (LLMLIMIT_NGX_TREE, default: the directory "nginx" next to the module).
@@ -65,6 +67,9 @@ __DATA__
 #include "ngx_http_llmlimit_redis_lua.h"
 #include <hiredis/hiredis.h>
 
+/* requests in one call, at most */
+#define MAXREQ  5
+
 /* algo.c's ngx_http_llmlimit_now() refers to it; unused here */
 volatile ngx_time_t  *ngx_cached_time;
 
@@ -105,16 +110,17 @@ main(int argc, char **argv)
         1000, 999, 7000, 10000, 60000, 3600000, 86400000, 2592000000UL
     };
 
-    int            port, it, iters, i, j, n, k, steps, ac, rej, bad;
+    int            port, it, iters, i, j, n, k, steps, ac, bad, m, q, o;
+    int            nkeys, nq[MAXREQ], rej[MAXREQ];
     long           total;
-    char          *script, keys[3][64], nums[16][32];
+    char          *script, keys[3][64], nums[9][32], nn[MAXREQ + 3][32];
     int64_t        now, dt;
-    size_t         al[16];
-    const char    *av[16];
+    size_t         al[8 + 5 * MAXREQ * 3];
+    const char    *av[8 + 5 * MAXREQ * 3];
     redisReply    *r;
     redisContext  *rc;
 
-    ngx_http_llmlimit_counter_t  c[3], out[3];
+    ngx_http_llmlimit_counter_t  c[3], out[MAXREQ][3];
     ngx_http_llmlimit_state_t    st[3];
 
     port = atoi(argv[1]);
@@ -149,7 +155,7 @@ main(int argc, char **argv)
         r = redisCommand(rc, "FLUSHALL");
         freeReplyObject(r);
 
-        for (k = 0; k < steps; k++, total++) {
+        for (k = 0; k < steps; k++) {
             switch (rand() % 4) {
             case 0:  dt = 0; break;
             case 1:  dt = rand() % 50; break;
@@ -159,100 +165,135 @@ main(int argc, char **argv)
 
             now += dt;
 
-            /* algo.c, as the shared-memory store uses it */
+            /*
+             * m requests at the same time, as one call sends them:
+             * request q has the first nq[q] counters
+             */
 
-            rej = 0;
+            m = (rand() % 3 == 0) ? 1 + rand() % MAXREQ : 1;
 
-            for (i = 0; i < n; i++) {
-                out[i] = c[i];
+            for (q = 0; q < m; q++, total++) {
+                nq[q] = (q == 0 || rand() % 2) ? n : 1 + rand() % n;
 
-                if (ngx_http_llmlimit_algo_check(&st[i], &out[i], now)
-                    != NGX_OK)
-                {
-                    rej = 1;
+                /* algo.c, as the shared-memory store uses it */
+
+                rej[q] = 0;
+
+                for (i = 0; i < nq[q]; i++) {
+                    out[q][i] = c[i];
+
+                    if (ngx_http_llmlimit_algo_check(&st[i], &out[q][i], now)
+                        != NGX_OK)
+                    {
+                        rej[q] = 1;
+                    }
                 }
-            }
 
-            if (!rej) {
-                for (i = 0; i < n; i++) {
-                    ngx_http_llmlimit_algo_count(&st[i], &out[i], now);
+                if (!rej[q]) {
+                    for (i = 0; i < nq[q]; i++) {
+                        ngx_http_llmlimit_algo_count(&st[i], &out[q][i], now);
+                    }
                 }
             }
 
             /* the script */
 
+            for (i = 0; i < n; i++) {
+                sprintf(nums[3 * i], "%d", (int) c[i].algorithm);
+                sprintf(nums[3 * i + 1], "%lu", (unsigned long) c[i].period);
+                sprintf(nums[3 * i + 2], "%lu", (unsigned long) c[i].count);
+            }
+
+            nkeys = 0;
+
+            for (q = 0; q < m; q++) {
+                nkeys += nq[q];
+                sprintf(nn[q], "%d", nq[q]);
+            }
+
+            sprintf(nn[MAXREQ], "%d", nkeys);
+            sprintf(nn[MAXREQ + 1], "%d", m);
+            sprintf(nn[MAXREQ + 2], "%lld", (long long) now);
+
             ac = 0;
             av[ac] = "EVAL"; al[ac++] = 4;
             av[ac] = script; al[ac++] = strlen(script);
-            sprintf(nums[0], "%d", n);
-            av[ac] = nums[0]; al[ac++] = strlen(nums[0]);
+            av[ac] = nn[MAXREQ]; al[ac++] = strlen(nn[MAXREQ]);
 
-            for (i = 0; i < n; i++) {
-                av[ac] = keys[i]; al[ac++] = strlen(keys[i]);
-            }
-
-            for (i = 0; i < n; i++) {
-                sprintf(nums[1 + 3 * i], "%d", (int) c[i].algorithm);
-                sprintf(nums[2 + 3 * i], "%lu", (unsigned long) c[i].period);
-                sprintf(nums[3 + 3 * i], "%lu", (unsigned long) c[i].count);
-
-                for (j = 1; j <= 3; j++) {
-                    av[ac] = nums[j + 3 * i];
-                    al[ac++] = strlen(nums[j + 3 * i]);
+            for (q = 0; q < m; q++) {
+                for (i = 0; i < nq[q]; i++) {
+                    av[ac] = keys[i]; al[ac++] = strlen(keys[i]);
                 }
             }
 
-            sprintf(nums[15], "%lld", (long long) now);
-            av[ac] = nums[15]; al[ac++] = strlen(nums[15]);
+            av[ac] = nn[MAXREQ + 1]; al[ac++] = strlen(nn[MAXREQ + 1]);
+
+            for (q = 0; q < m; q++) {
+                av[ac] = nn[q]; al[ac++] = strlen(nn[q]);
+            }
+
+            for (q = 0; q < m; q++) {
+                for (i = 0; i < 3 * nq[q]; i++) {
+                    av[ac] = nums[i]; al[ac++] = strlen(nums[i]);
+                }
+            }
+
+            av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
 
             r = redisCommandArgv(rc, ac, av, al);
 
             if (r == NULL || r->type != REDIS_REPLY_ARRAY
-                || r->elements != (size_t) (1 + 4 * n))
+                || r->elements != (size_t) (m + 4 * nkeys))
             {
                 printf("bad reply: %s\n",
                        r && r->type == REDIS_REPLY_ERROR ? r->str : "?");
                 return 1;
             }
 
-            if (r->element[0]->integer != rej) {
-                bad++;
-                printf("scenario %d step %d: status %lld, algo.c %d\n",
-                       it, k, r->element[0]->integer, rej);
-            }
+            for (q = 0, o = 0; q < m; o += 1 + 4 * nq[q], q++) {
 
-            for (i = 0; i < n; i++) {
-                long long  v[4];
-
-                /* a passing counter of a rejected request: no results */
-
-                if (rej && !out[i].rejected) {
-                    if (r->element[1 + 4 * i]->integer != 0) {
-                        bad++;
-                        printf("scenario %d step %d counter %d: rejected "
-                               "by the script only\n", it, k, i);
-                    }
-
-                    continue;
+                if (r->element[o]->integer != rej[q]) {
+                    bad++;
+                    printf("scenario %d step %d request %d/%d: status %lld, "
+                           "algo.c %d\n", it, k, q, m,
+                           r->element[o]->integer, rej[q]);
                 }
 
-                v[0] = out[i].rejected;
-                v[1] = out[i].remaining;
-                v[2] = out[i].reset;
-                v[3] = out[i].retry;
+                for (i = 0; i < nq[q]; i++) {
+                    long long  v[4];
 
-                for (j = 0; j < 4; j++) {
-                    if (r->element[1 + 4 * i + j]->integer == v[j]) {
+                    /* a passing counter of a rejected request: no results */
+
+                    if (rej[q] && !out[q][i].rejected) {
+                        if (r->element[o + 1 + 4 * i]->integer != 0) {
+                            bad++;
+                            printf("scenario %d step %d request %d/%d "
+                                   "counter %d: rejected by the script "
+                                   "only\n", it, k, q, m, i);
+                        }
+
                         continue;
                     }
 
-                    bad++;
-                    printf("scenario %d step %d counter %d (algorithm %d, "
-                           "%lu/%lums) field %d: script %lld, algo.c %lld\n",
-                           it, k, i, (int) c[i].algorithm,
-                           (unsigned long) c[i].count,
-                           (unsigned long) c[i].period, j,
-                           r->element[1 + 4 * i + j]->integer, v[j]);
+                    v[0] = out[q][i].rejected;
+                    v[1] = out[q][i].remaining;
+                    v[2] = out[q][i].reset;
+                    v[3] = out[q][i].retry;
+
+                    for (j = 0; j < 4; j++) {
+                        if (r->element[o + 1 + 4 * i + j]->integer == v[j]) {
+                            continue;
+                        }
+
+                        bad++;
+                        printf("scenario %d step %d request %d/%d counter %d "
+                               "(algorithm %d, %lu/%lums) field %d: "
+                               "script %lld, algo.c %lld\n",
+                               it, k, q, m, i, (int) c[i].algorithm,
+                               (unsigned long) c[i].count,
+                               (unsigned long) c[i].period, j,
+                               r->element[o + 1 + 4 * i + j]->integer, v[j]);
+                    }
                 }
             }
 

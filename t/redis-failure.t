@@ -503,4 +503,95 @@ sub count_re {
 }
 
 
+# ---------------------------------------------------------------------------
+# several requests in one call: a reply of the wrong shape fails them all;
+# NOSCRIPT resends the whole call with EVAL
+
+{
+    my $N = 3;
+    my $one = "*5\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
+    my $log_file = File::Temp::tempdir('llmlimit-fake-XXXXXX', TMPDIR => 1,
+                                       CLEANUP => 1) . '/commands';
+
+    # the first EVALSHA: one request's reply; then NOSCRIPT; EVAL: right
+    my $fake = LLMLimit::Redis::Fake->new(sub {
+        my ($a) = @_;
+        my $cmd = uc $a->[0];
+        open my $fh, '>>', $log_file;
+        print $fh "$cmd\n";
+        close $fh;
+
+        return "\$40\r\n" . sha1_hex($a->[2]) . "\r\n" if $cmd eq 'SCRIPT';
+
+        if ($cmd eq 'EVALSHA') {
+            our $nbatch;
+            return $one if !$nbatch++;
+            return "-NOSCRIPT No matching script. Please use EVAL.\r\n";
+        }
+
+        if ($cmd eq 'EVAL') {
+            my $nkeys = $a->[2];
+            my $m = $a->[3 + $nkeys];
+            my $r = '*' . ($m + 4 * $nkeys) . "\r\n";
+            for my $j (1 .. $m) {
+                my $n = $a->[3 + $nkeys + $j];
+                $r .= ":0\r\n" . (":0\r\n:2\r\n:1000\r\n:0\r\n" x $n);
+            }
+            return $r;
+        }
+
+        return "-ERR unknown command\r\n";
+    });
+
+    my $t = LLMLimit::Test->new(
+        name   => 'batch replies',
+        http   => qq{
+            llmlimit_zone o 1m redis=} . $fake->addr . qq{
+                          redis_timeout=$TMO redis_failure=open;
+            llmlimit_rules o zone=o {
+                "Q"  GET  /o  \$http_x_api_key  3/1h;
+            }
+        },
+        config => q{
+            add_header X-Status $llmlimit_status always;
+            location /o { llmlimit o; proxy_pass http://%%BACKEND%%; }
+            location /plain/ { proxy_pass http://%%BACKEND%%; }
+        },
+    )->start;
+
+    my @c = map { LLMLimit::Test::Conn->new(port => $t->port) } 1 .. $N;
+    $_->req('GET /plain/') for @c;
+    my ($worker) = $t->workers;
+
+    my $req = sub {
+        "GET /o HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: " . uid()
+        . "\r\n\r\n";
+    };
+
+    my @r = LLMLimit::Redis::one_turn($worker, \@c, $req);
+    is(join(' ', map { ($_->header('X-Status') // '-') . ' ' . $_->status }
+                     @r),
+       join(' ', ('ERROR 200') x $N),
+       "$N requests in one call, a reply for one: all ERROR (open)");
+
+    @r = LLMLimit::Redis::one_turn($worker, \@c, $req);
+    is(join(' ', map { ($_->header('X-Status') // '-') . ' '
+                       . ($_->header('X-RateLimit-Remaining') // '-') } @r),
+       join(' ', ('PASSED 2') x $N),
+       "NOSCRIPT: the $N requests resent in one EVAL");
+
+    like($t->error_log, qr/redis \S+ lost: unexpected reply/,
+         'logged: unexpected reply');
+
+    my $cmds = do { local (@ARGV, $/) = $log_file; <> } // '';
+    unlink $log_file;
+    like($cmds, qr/^SCRIPT\nEVALSHA\nEVALSHA\nEVAL\n\z/,
+         'one EVALSHA per call, one EVAL after NOSCRIPT');
+
+    $_->close for @c;
+    $t->stop;
+    $fake->stop;
+}
+
+
 finish();

@@ -10,6 +10,7 @@
 #                                               # { error => '...' }
 #   $rd->keys(db => 3);  $rd->stop;  $rd->start;  $rd->restart;
 #   my $f = LLMLimit::Redis::Fake->new(sub { my ($args, $n) = @_; ... });
+#   my @responses = LLMLimit::Redis::one_turn($worker_pid, \@conns, $text);
 #
 # Only core Perl.
 
@@ -401,5 +402,32 @@ END {
     $_->stop for grep { $_->{creator} == $$ } @FAKES;
 }
 
+
+
+# one_turn(WORKER, [Conn...], TEXT or sub { my ($i) = @_; TEXT }): writes a
+# request on each kept-alive connection while the worker is stopped, so
+# that it reads them all in one turn of its event loop; returns the
+# responses in order.
+sub LLMLimit::Redis::one_turn {
+    my ($worker, $conns, $text) = @_;
+
+    kill 'STOP', $worker;
+
+    for (1 .. 1000) {
+        my $st = LLMLimit::Test::slurp("/proc/$worker/stat") // '';
+        last if $st =~ /\)\s+T/;
+        Time::HiRes::sleep(0.01);
+    }
+
+    for my $i (0 .. $#$conns) {
+        my $req = ref $text ? $text->($i) : $text;
+        syswrite($conns->[$i]{sock}, $req) == length $req
+            or die "write: $!";
+    }
+
+    kill 'CONT', $worker;
+
+    return map { $_->exchange('', 'POST') } @$conns;
+}
 
 1;

@@ -374,6 +374,76 @@ sub hdr_list {
 
 
 # ---------------------------------------------------------------------------
+# the requests of one event-loop turn go out together: one EVALSHA for up
+# to 64 requests, each request counted on its own, in order
+
+{
+    my $rd = LLMLimit::Redis->new;
+    my ($N, $COUNT) = (100, 70);
+
+    my $t = LLMLimit::Test->new(
+        name   => 'one call per turn',
+        http   => qq{
+            llmlimit_zone rz 1m redis=} . $rd->addr . qq{ redis_timeout=$TMO
+                          redis_failure=closed;
+            llmlimit_rules api zone=rz {
+                "Q"  POST  /q  \$http_x_api_key  $COUNT/1h;
+                "P"  POST  /p  \$http_x_api_key  1/1h;
+            }
+        },
+        config => $SERVER,
+    )->start;
+
+    my $key = uid();
+    my @c = map { LLMLimit::Test::Conn->new(port => $t->port) } 1 .. $N;
+
+    # kept-alive connections first, then all requests while the worker is
+    # stopped: it reads them in one turn of its event loop
+    $_->req('GET /plain/') for @c;
+
+    my ($worker) = $t->workers;
+    $rd->cmd('CONFIG', 'RESETSTAT');
+
+    my @r = LLMLimit::Redis::one_turn($worker, \@c,
+        "POST /q HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: $key\r\n\r\n");
+
+    my @pass = grep { $_->status == 200 } @r;
+    is(scalar(@pass), $COUNT, "$N requests in one turn: exactly $COUNT pass");
+    is(scalar(grep { $_->status == 429 } @r), $N - $COUNT, 'the rest 429');
+    is(join(' ', sort { $a <=> $b }
+                 map { $_->header('X-RateLimit-Remaining') // '-' } @pass),
+       join(' ', 0 .. $COUNT - 1), 'each counted once, one after the other');
+    is(hdr_list('X-Status', @r),
+       join(' ', map { $_->status == 200 ? 'PASSED' : 'REJECTED' } @r),
+       'all decided by Redis');
+
+    my $stats = $rd->cmd('INFO', 'commandstats');
+    like($stats, qr/cmdstat_evalsha:calls=2,/,
+         "$N requests of one turn: two EVALSHA (64 requests at most each)")
+        or diag($stats);
+
+    # different keys in one call: a rejected request does not stop others
+    my @keys = map { uid() } 1 .. 10;
+    @r = LLMLimit::Redis::one_turn($worker, [ @c[0 .. 19] ], sub {
+        "POST /p HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: "
+        . $keys[$_[0] % 10] . "\r\n\r\n";
+    });
+    is(join(' ', map { $_->status } @r),
+       join(' ', (200) x 10, (429) x 10),
+       'one call, ten keys twice: the first of each passes');
+
+    $stats = $rd->cmd('INFO', 'commandstats');
+    like($stats, qr/cmdstat_evalsha:calls=3,/, 'in one EVALSHA')
+        or diag($stats);
+    unlike($t->error_log, qr/redis .* lost/, 'nothing lost');
+
+    $_->close for @c;
+    $t->stop;
+    $rd->stop;
+}
+
+
+# ---------------------------------------------------------------------------
 # SCRIPT FLUSH mid-run: NOSCRIPT is recovered without failing requests
 
 {
