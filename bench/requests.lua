@@ -54,6 +54,7 @@ local nreqs   = 0
 local idx     = 0
 local stop    = 0
 local seen    = 0
+local bad     = 0
 
 
 local function gcd(a, b)
@@ -140,11 +141,20 @@ function init(args)
 
     if stop > 0 then
         -- only defined when asked: a response() callback makes wrk parse
-        -- every response into Lua, which costs wrk time
-        response = function()
+        -- every response into Lua, which costs wrk time.  wrk's main thread
+        -- sleeps for the whole -d whatever the threads do, so stopping the
+        -- thread is not enough: print the count and leave.
+        response = function(status)
             seen = seen + 1
+            if status < 200 or status > 399 then
+                bad = bad + 1
+            end
             if seen >= stop then
-                wrk.thread:stop()
+                io.write(string.format(
+                    "BENCHRESULT requests=%d non2xx=%d stopped=1\n",
+                    seen, bad))
+                io.flush()
+                os.exit(0)
             end
         end
     end

@@ -69,7 +69,7 @@ forget() {
     local keep=() pid
 
     for pid in "${PIDS[@]:-}"; do
-        [ -n "$pid" ] && [ "$pid" != "$1" ] && keep+=("$pid")
+        if [ -n "$pid" ] && [ "$pid" != "$1" ]; then keep+=("$pid"); fi
     done
     PIDS=("${keep[@]:-}")
 }
@@ -156,14 +156,20 @@ write_conf() {
         http="limit_req_zone \$http_x_api_key zone=bench:64m rate=1000000r/s;"
         loc="limit_req zone=bench burst=1000000 nodelay;"
         ;;
-    llmlimit-shm | llmlimit-redis | llmlimit-reject)
+    llmlimit-shm | llmlimit-redis | llmlimit-reject | llmlimit-reject-quiet)
         local redis="" limits=raised
-        [ "$scn" = llmlimit-redis ] && redis=" redis=127.0.0.1:$REDIS_PORT"
-        [ "$scn" = llmlimit-reject ] && limits=one
+        if [ "$scn" = llmlimit-redis ]; then redis=" redis=127.0.0.1:$REDIS_PORT"; fi
+        case $scn in llmlimit-reject*) limits=one ;; esac
         load="load_module $MODULE;"
         http="llmlimit_zone bench 64m$redis;
 $(langsmith_table $limits)"
         loc="llmlimit langsmith;"
+        # not in the default set: the 429 path without the error-log line
+        # that every rejection writes by default (as limit_req does)
+        if [ "$scn" = llmlimit-reject-quiet ]; then
+            loc="$loc
+            llmlimit_log_level info;"
+        fi
         ;;
     fill)
         load="load_module $MODULE;"
@@ -178,7 +184,7 @@ $(langsmith_table $limits)"
         ;;
     esac
 
-    [ "$mode" = callgrind ] && master=off
+    if [ "$mode" = callgrind ]; then master=off; fi
 
     cat > "$dir/nginx.conf" <<EOF
 # written by bench/run.sh: scenario $scn, mode $mode
@@ -293,7 +299,34 @@ redis_cli() {
 
 
 cpu_ticks() {
+    if [ -z "${1:-}" ]; then
+        echo 0
+        return
+    fi
     awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+
+# busy and steal ticks of the two CPUs used, from /proc/stat
+core_ticks() {
+    awk -v a="cpu$NGINX_CPU" -v b="cpu$CLIENT_CPU" '
+        $1 == a || $1 == b { busy += $2 + $3 + $4 + $7 + $8 + $9; st += $9 }
+        END { print busy, st }' /proc/stat
+}
+
+
+# user + system seconds of this shell's finished children (wrk included):
+# `times` must run in this shell, not in a $( ) subshell, so it writes $1
+children_cpu() {
+    times > "$1"
+}
+
+
+seconds() {
+    tail -1 "$1" | perl -ne '
+        my $t = 0;
+        $t += $1 * 60 + $2 while /(\d+)m([\d.]+)s/g;
+        print $t, "\n";'
 }
 
 
@@ -325,9 +358,9 @@ check_scenario() {
           "http://127.0.0.1:$PORT/runs/query") || true
     code=$(printf '%s' "$hdr" | sed -n '1s/^HTTP[^ ]* \([0-9]*\).*/\1/p')
 
-    [ "$scn" = llmlimit-reject ] && want=429
+    case $scn in llmlimit-reject*) want=429 ;; esac
 
-    if [ "$scn" = llmlimit-reject ]; then
+    if [ "$want" = 429 ]; then
         # a second one: the first of a new key passes
         code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 -X POST \
                -H "x-api-key: lsv2_pt_00000012bench-sanity" \
@@ -372,7 +405,9 @@ throughput() {
         > "$OUT/raw.tsv"
     printf '\tnon2xx\tsocket_errors\tnginx_cpu_pct\tnginx_cpu_us_per_req' \
         >> "$OUT/raw.tsv"
-    printf '\tloadavg\n' >> "$OUT/raw.tsv"
+    printf '\tredis_cpu_pct\tserver_cpu_us_per_req\twrk_cpu_pct' \
+        >> "$OUT/raw.tsv"
+    printf '\tother_cpu_pct\tsteal_pct\tloadavg\n' >> "$OUT/raw.tsv"
 
     for scn in $SCENARIOS; do
         case $scn in
@@ -413,7 +448,7 @@ throughput() {
             case $skip in *" $scn "*) continue ;; esac
             dir=$RUN/$scn
 
-            [ "$scn" = llmlimit-redis ] && redis_cli flushall >/dev/null
+            if [ "$scn" = llmlimit-redis ]; then redis_cli flushall >/dev/null; fi
 
             if ! start_nginx "$dir"; then
                 note "$scn skipped: nginx did not start:" \
@@ -434,10 +469,17 @@ throughput() {
                 continue
             fi
 
-            t0=$(cpu_ticks "$WORKER_PID")
+            redis=""
+            if [ "$scn" = llmlimit-redis ]; then redis=$REDIS_PID; fi
+
+            children_cpu "$RUN/times.0"
+            t0="$(cpu_ticks "$WORKER_PID") $(cpu_ticks "$redis")"
+            t0="$t0 $(seconds "$RUN/times.0") $(core_ticks)"
             res=$(wrk_run "$CONNECTIONS" "${DURATION}s" 2>&1 \
                   | tee "$dir/wrk.$r.log" | grep '^BENCHRESULT' || true)
-            t1=$(cpu_ticks "$WORKER_PID")
+            children_cpu "$RUN/times.1"
+            t1="$(cpu_ticks "$WORKER_PID") $(cpu_ticks "$redis")"
+            t1="$t1 $(seconds "$RUN/times.1") $(core_ticks)"
             stop_nginx
 
             if [ -z "$res" ]; then
@@ -445,24 +487,36 @@ throughput() {
                 continue
             fi
 
+            # nginx, redis (ticks), wrk (s), both cores busy, steal (ticks)
             perl -e '
-                my ($r, $scn, $res, $ticks, $hz, $load) = @ARGV;
+                my ($r, $scn, $res, $t0, $t1, $hz, $load) = @ARGV;
                 my %f = $res =~ /(\w+)=([\d.]+)/g;
+                my @a = split " ", $t0;
+                my @b = split " ", $t1;
+                my @d = map { $b[$_] - $a[$_] } 0 .. 4;
                 my $s = $f{duration_us} / 1e6;
-                my $cpu = $ticks / $hz;
-                printf "%d\t%s\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%.2f\t%s\n",
+                my $n = $f{requests} || 1;
+                my ($ngx, $red, $wrk) = ($d[0] / $hz, $d[1] / $hz, $d[2]);
+                my $other = $d[3] / $hz - $ngx - $red - $wrk;
+                $other = 0 if $other < 0;
+                printf "%d\t%s\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d"
+                    . "\t%.1f\t%.2f\t%.1f\t%.2f\t%.1f\t%.1f\t%.1f\t%s\n",
                     $r, $scn, $f{requests} / $s, $f{p50_us}, $f{p90_us},
                     $f{p99_us}, $f{p999_us}, $f{requests}, $f{non2xx},
                     $f{connect_errors} + $f{read_errors} + $f{write_errors}
                         + $f{timeouts},
-                    100 * $cpu / $s,
-                    $f{requests} ? 1e6 * $cpu / $f{requests} : 0, $load;
-            ' "$r" "$scn" "$res" "$((t1 - t0))" "$HZ" \
+                    100 * $ngx / $s, 1e6 * $ngx / $n,
+                    100 * $red / $s, 1e6 * ($ngx + $red) / $n,
+                    100 * $wrk / $s, 100 * $other / $s,
+                    100 * $d[4] / $hz / $s, $load;
+            ' "$r" "$scn" "$res" "$t0" "$t1" "$HZ" \
               "$(cut -d' ' -f1-3 /proc/loadavg | tr ' ' /)" \
               | tee -a "$OUT/raw.tsv" | awk -F'\t' '{
-                  printf "bench: round %s %-16s %8s req/s  p50 %5.2f ms" \
-                         "  p99 %5.2f ms  nginx cpu %s%%\n",
-                         $1, $2, $3, $4 / 1000, $6 / 1000, $11 }' >&2
+                  printf "bench: round %s %-16s %6s req/s  p50 %5.2f ms" \
+                         "  p99 %6.2f ms  cpu: nginx %s%% redis %s%%" \
+                         " wrk %s%% other %s%%\n",
+                         $1, $2, $3, $4 / 1000, $6 / 1000, $11, $13, $15,
+                         $16 }' >&2
         done
     done
 
@@ -485,7 +539,7 @@ while (<$in>) {
     my @f = split /\t/;
     my %row;
     @row{qw(round scn rps p50 p90 p99 p999 requests non2xx sockerr cpu
-            cpureq load)} = @f;
+            ngxreq rcpu cpureq wrk other steal load)} = @f;
     push @order, $row{scn} unless $rows{$row{scn}};
     push @{ $rows{$row{scn}} }, \%row;
     $round{$row{round}}{$row{scn}} = \%row;
@@ -499,13 +553,14 @@ sub median {
 }
 
 my @sorted = grep { $rows{$_} }
-             qw(bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject);
+             qw(bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject
+                llmlimit-reject-quiet);
 my %known = map { $_ => 1 } @sorted;
 push @sorted, grep { !$known{$_} } @order;
 
-print "| scenario | req/s (median) | p50 ms | p99 ms | ratio to bare"
-    . " | non-2xx | nginx CPU | nginx CPU us/req | CPU ratio |\n";
-print "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+print "| scenario | req/s | p50 ms | p99 ms | ratio to bare | non-2xx"
+    . " | nginx CPU | server CPU us/req | CPU ratio | wrk CPU | other load |\n";
+print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
 
 open my $out, '>', $dat or die "$dat: $!";
 print $out "# scenario rps p50_ms p99_ms ratio\n";
@@ -531,13 +586,17 @@ for my $scn (@sorted) {
     }
     my $ratio = median(@ratios);
     my $cpuratio = $bare_cpureq && $cpureq ? $bare_cpureq / $cpureq : undef;
+    my $wrk = median(map { $_->{wrk} } @$r);
+    my $other = median(map { $_->{other} } @$r);
 
-    printf "| %s | %.0f | %.2f | %.2f | %s | %s | %.0f%% | %.2f | %s |\n",
+    printf "| %s | %.0f | %.2f | %.2f | %s | %s | %.0f%% | %.2f | %s"
+        . " | %.0f%% | %.0f%% |\n",
         $scn, $rps, $p50, $p99,
         defined $ratio ? sprintf("%.3f", $ratio) : "-",
         $req ? sprintf("%.1f%%", 100 * $bad / $req) : "-",
         $cpu, $cpureq,
-        defined $cpuratio ? sprintf("%.3f", $cpuratio) : "-";
+        defined $cpuratio ? sprintf("%.3f", $cpuratio) : "-",
+        $wrk, $other;
     printf $out "%s %.0f %.3f %.3f %s\n", $scn, $rps, $p50, $p99,
         defined $ratio ? sprintf("%.3f", $ratio) : "NaN";
 }
@@ -588,8 +647,9 @@ fill() {
         echo "identities per MB: $(perl -e 'printf "%.0f", $ARGV[0] / $ARGV[1]' \
              "${held:-0}" "$mb")"
         echo "zone-full log lines: $evicted"
-        [ "${held:-0}" -ge "$FILL_IDS" ] \
-            && echo "note: every identity was held; raise BENCH_FILL_IDS"
+        if [ "${held:-0}" -ge "$FILL_IDS" ]; then
+            echo "note: every identity was held; raise BENCH_FILL_IDS"
+        fi
     } | tee "$OUT/fill.txt" >&2
 }
 
@@ -657,6 +717,20 @@ callgrind() {
             | head -80 > "$OUT/callgrind/$scn.inclusive.txt" || true
         callgrind_annotate "$dir/callgrind.out.1" 2>/dev/null \
             | head -60 > "$OUT/callgrind/$scn.self.txt" || true
+
+        # where the module's instructions go: its functions and the nginx
+        # ones it calls, inclusive, per request
+        callgrind_annotate --inclusive=yes --threshold=100 \
+            "$dir/callgrind.out.1" 2>/dev/null \
+            | perl -ne '
+                BEGIN { $n = shift @ARGV; }
+                next unless /^\s*([\d,]+) \(.*?\)\s+(\S+?):(\w+)(?: \[(.*)\])?$/;
+                my ($ir, $fn, $obj) = ($1, $3, $4 // "");
+                next unless $obj =~ /llmlimit/ || $fn =~ /^ngx_(log_error_core|vslprintf|strstrn|http_send_header|http_output_filter)$/;
+                next if $seen{$fn}++;
+                $ir =~ tr/,//d;
+                printf "%8.0f  %s\n", $ir / $n, $fn;
+            ' "$reqs" > "$OUT/callgrind/$scn.per-request.txt" || true
     done
 
     perl -e '
@@ -752,6 +826,14 @@ echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/env.txt"
         echo "## Instructions per request (callgrind, $CG_REQUESTS requests)"
         echo
         cat "$OUT/callgrind.md"
+        for f in "$OUT"/callgrind/llmlimit-*.per-request.txt; do
+            [ -s "$f" ] || continue
+            echo
+            echo "$(basename "$f" .per-request.txt): inclusive instructions" \
+                 "per request"
+            echo
+            head -15 "$f" | sed 's/^/    /'
+        done
     fi
     if [ ${#NOTES[@]} -gt 0 ]; then
         echo
