@@ -19,7 +19,7 @@ PORT=${BENCH_PORT:-18480}
 REDIS_PORT=${BENCH_REDIS_PORT:-18479}
 NGINX=${BENCH_NGINX:-/usr/sbin/nginx}
 MODULE=${BENCH_MODULE:-$ROOT/build/ngx_http_llmlimit_module.so}
-SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject}
+SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject llmlimit-reject-quiet}
 PARTS=${BENCH_PARTS:-throughput fill callgrind chart}
 CG_REQUESTS=${BENCH_CALLGRIND_REQUESTS:-20000}
 FILL_ZONE=${BENCH_FILL_ZONE:-4m}
@@ -31,6 +31,7 @@ RESULTS=${BENCH_RESULTS:-$BENCH/results}
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=$RESULTS/$STAMP
 RUN=$(mktemp -d /tmp/llmlimit-bench.XXXXXX)
+chmod 755 "$RUN"        # nginx workers (nobody) look up files under it
 HZ=$(getconf CLK_TCK)
 PIDS=()
 NOTES=()
@@ -164,8 +165,8 @@ write_conf() {
         http="llmlimit_zone bench 64m$redis;
 $(langsmith_table $limits)"
         loc="llmlimit langsmith;"
-        # not in the default set: the 429 path without the error-log line
-        # that every rejection writes by default (as limit_req does)
+        # the 429 path without the error-log line that every rejection
+        # writes by default (as limit_req does)
         if [ "$scn" = llmlimit-reject-quiet ]; then
             loc="$loc
             llmlimit_log_level info;"
@@ -487,6 +488,21 @@ throughput() {
                 continue
             fi
 
+            # a log line per request would be measured too: say so
+            nlog=$(grep -c -v -e '\[notice\]' -e '\[info\]' "$dir/error.log" \
+                   || true)
+            case $scn in
+            llmlimit-reject) ;;
+            *)
+                if [ "$nlog" -gt 0 ]; then
+                    note "$scn round $r: $nlog error.log lines:" \
+                         "$(grep -v -e '\[notice\]' -e '\[info\]' \
+                            "$dir/error.log" | tail -1 | cut -c1-200)"
+                fi
+                ;;
+            esac
+            : > "$dir/error.log"
+
             # nginx, redis (ticks), wrk (s), both cores busy, steal (ticks)
             perl -e '
                 my ($r, $scn, $res, $t0, $t1, $hz, $load) = @ARGV;
@@ -671,7 +687,10 @@ callgrind() {
         llmlimit-*) [ -f "$MODULE" ] || continue ;;
         esac
         if [ "$scn" = llmlimit-redis ]; then
-            redis_cli ping >/dev/null 2>&1 || continue
+            if ! redis_cli ping >/dev/null 2>&1 && ! start_redis; then
+                note "callgrind llmlimit-redis skipped: redis-server did not start"
+                continue
+            fi
             redis_cli flushall >/dev/null
         fi
 
