@@ -436,6 +436,7 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
         ngx_memzero(b, sizeof(ngx_http_llmlimit_batch_t));
         b->zone = zone;
         b->rc = NGX_DECLINED;
+        b->local = 0;
         b->done = ngx_http_llmlimit_done;
     }
 
@@ -474,6 +475,7 @@ ngx_http_llmlimit_run(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
 {
     ngx_int_t                   rc;
+    ngx_uint_t                  i;
     ngx_http_llmlimit_zone_t   *zone;
     ngx_http_llmlimit_batch_t  *b;
 
@@ -499,6 +501,7 @@ ngx_http_llmlimit_run(ngx_http_request_t *r,
 
             } else {
                 rc = ngx_http_llmlimit_shm_store.check(r, b);
+                b->local = 1;
             }
 
             b->rc = rc;
@@ -520,12 +523,24 @@ ngx_http_llmlimit_run(ngx_http_request_t *r,
 
             default: /* NGX_HTTP_LLMLIMIT_FAIL_LOCAL */
                 b->rc = ngx_http_llmlimit_shm_store.check(r, b);
+                b->local = 1;
                 break;
             }
         }
 
         if (b->rc == NGX_BUSY) {
-            /* the batches after it are not counted */
+
+            /*
+             * the batches after it are not counted, those before it are
+             * taken back where they were counted in shared memory
+             */
+
+            for (i = 0; i < ctx->batch; i++) {
+                if (ctx->batches[i].rc == NGX_OK && ctx->batches[i].local) {
+                    ngx_http_llmlimit_shm_refund(r, &ctx->batches[i]);
+                }
+            }
+
             ctx->nbatches = ctx->batch + 1;
             break;
         }
@@ -590,7 +605,9 @@ ngx_http_llmlimit_decide(ngx_http_request_t *r,
 
                 /* all must pass: the longest wait is the one to report */
 
-                if (report == NULL || c->retry > report->retry) {
+                if (report == NULL || !report->rejected
+                    || c->retry > report->retry)
+                {
                     report = c;
                 }
 

@@ -150,6 +150,7 @@ struct ngx_http_llmlimit_batch_s {
     ngx_http_llmlimit_counter_t    *counters;
     ngx_uint_t                      n;
     ngx_int_t                       rc;            /* NGX_OK, NGX_BUSY, ... */
+    ngx_uint_t                      local;         /* counted in shm */
     ngx_http_llmlimit_done_pt       done;          /* async completion */
     void                           *data;          /* store's own */
 };
@@ -199,6 +200,8 @@ ngx_int_t ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
 void ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
+void ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now);
 int64_t ngx_http_llmlimit_algo_expires(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c);
 int64_t ngx_http_llmlimit_now(void);
@@ -207,6 +210,8 @@ int64_t ngx_http_llmlimit_now(void);
 /* src/ngx_http_llmlimit_shm.c */
 ngx_int_t ngx_http_llmlimit_shm_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+void ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
 
 
 /* src/ngx_http_llmlimit_redis.c */

@@ -98,6 +98,33 @@ ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
 }
 
 
+/*
+ * takes back what count() did, for a request that another zone rejected
+ * right after; a window that has rolled meanwhile is left as it is
+ */
+
+void
+ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now)
+{
+    int64_t  T;
+
+    switch (c->algorithm) {
+
+    case NGX_HTTP_LLMLIMIT_GCRA:
+        T = ((int64_t) c->period * 1000 + c->count - 1) / c->count;
+        st->t -= T;
+        break;
+
+    default: /* NGX_HTTP_LLMLIMIT_FIXED, NGX_HTTP_LLMLIMIT_SLIDING */
+        if (st->t == now - now % (int64_t) c->period && st->cur > 0) {
+            st->cur--;
+        }
+        break;
+    }
+}
+
+
 /* when the state is worth no more than a fresh one, ms */
 
 int64_t

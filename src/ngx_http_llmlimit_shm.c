@@ -44,6 +44,8 @@ typedef struct {
 
 static ngx_int_t ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+static void ngx_http_llmlimit_shm_key(ngx_http_llmlimit_counter_t *c,
+    uint64_t k[2]);
 static ngx_rbtree_node_t *ngx_http_llmlimit_shm_lookup(
     ngx_http_llmlimit_zone_t *zone, ngx_rbtree_key_t key, uint64_t key2);
 static ngx_rbtree_node_t *ngx_http_llmlimit_shm_alloc(
@@ -68,7 +70,7 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
 {
     time_t                        sec;
     int64_t                       now, expires;
-    uint64_t                      k[2], mix;
+    uint64_t                      k[2];
     ngx_int_t                     rc;
     ngx_uint_t                    i, evicted, warn;
     ngx_rbtree_node_t            *nodes[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
@@ -92,14 +94,7 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
 
-        ngx_memcpy(k, c->hash, sizeof(k));
-
-        /* one node per (budget, identity, period, algorithm) */
-
-        mix = ((uint64_t) c->period << 2 | c->algorithm)
-              * 0x9e3779b97f4a7c15ULL;
-        k[0] ^= mix;
-        k[1] ^= mix >> 17 | mix << 47;
+        ngx_http_llmlimit_shm_key(c, k);
 
         nodes[i] = ngx_http_llmlimit_shm_lookup(zone, (ngx_rbtree_key_t) k[0],
                                                 k[1]);
@@ -178,6 +173,55 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     }
 
     return rc;
+}
+
+
+void
+ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    int64_t                       now;
+    uint64_t                      k[2];
+    ngx_uint_t                    i;
+    ngx_rbtree_node_t            *node;
+    ngx_http_llmlimit_zone_t     *zone;
+    ngx_http_llmlimit_counter_t  *c;
+
+    zone = b->zone;
+    now = ngx_http_llmlimit_now();
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+
+        ngx_http_llmlimit_shm_key(c, k);
+
+        node = ngx_http_llmlimit_shm_lookup(zone, (ngx_rbtree_key_t) k[0],
+                                            k[1]);
+        if (node != NULL) {
+            ngx_http_llmlimit_algo_refund(&ngx_http_llmlimit_node(node)->state,
+                                          c, now);
+        }
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+/* one node per (budget, identity, period, algorithm) */
+
+static void
+ngx_http_llmlimit_shm_key(ngx_http_llmlimit_counter_t *c, uint64_t k[2])
+{
+    uint64_t  mix;
+
+    ngx_memcpy(k, c->hash, 2 * sizeof(uint64_t));
+
+    mix = ((uint64_t) c->period << 2 | c->algorithm) * 0x9e3779b97f4a7c15ULL;
+
+    k[0] ^= mix;
+    k[1] ^= mix >> 17 | mix << 47;
 }
 
 

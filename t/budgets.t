@@ -191,6 +191,45 @@ run_blocks({
 
 
 run_blocks({
+    name => 'several tables on two zones: a rejection counts in neither',
+    http => q{
+        llmlimit_zone  z1 1m;
+        llmlimit_zone  z2 1m;
+        llmlimit_rules endpoint zone=z1 {
+            "Endpoint"  *  *  $http_x_api_key  5/60s;
+        }
+        llmlimit_rules org zone=z2 {
+            "Org"       *  *  $http_x_org      2/60s;
+        }
+    },
+    config => q{
+        location / {
+            llmlimit endpoint;
+            llmlimit org;
+            proxy_pass http://backend;
+        }
+
+        location /endpoint-only/ {
+            llmlimit endpoint;
+            proxy_pass http://backend;
+        }
+    },
+    requests => [
+        { req => 'GET /a', send => { 'X-Api-Key' => 'k', 'X-Org' => 'o' },
+          repeat => 2, status => 200,
+          name => 'both zones count' },
+        { req => 'GET /a', send => { 'X-Api-Key' => 'k', 'X-Org' => 'o' },
+          repeat => 2, status => 429,
+          json => { error => { category => 'Org' } },
+          name => 'the second zone rejects' },
+        # 5 - 2 counted = 3 left before this one: the rejected requests
+        # were taken back from the first zone
+        { req => 'GET /endpoint-only/x', send => { 'X-Api-Key' => 'k' },
+          status => 200, headers => { 'X-RateLimit-Remaining' => 2 },
+          name => 'the first zone kept no rejected request' },
+    ],
+},
+{
     name => 'several tables at one level',
     http => q{
         llmlimit_zone  z 1m;
