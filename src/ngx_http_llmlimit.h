@@ -85,7 +85,10 @@ typedef struct {
 
 
 typedef struct {
-    ngx_rbtree_t                    rbtree;
+    ngx_uint_t                      layout;        /* of this version */
+    ngx_uint_t                      node_size;
+    ngx_rbtree_node_t             **roots;         /* of the trees */
+    ngx_uint_t                      mask;          /* trees - 1 */
     ngx_rbtree_node_t               sentinel;
     ngx_queue_t                     lru;
     ngx_queue_t                     free;

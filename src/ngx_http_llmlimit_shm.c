@@ -9,6 +9,17 @@
  * (budget, identity, limit), with an LRU queue.  Nodes have one fixed
  * size, so they are carved from whole slab pages and recycled through a
  * free list: 80 bytes a counter rather than the 128 of a slab chunk.
+ *
+ * The rbtree is split by the hash's low bits into a power-of-two array of
+ * trees, about one for every eight counters the zone can hold: a lookup
+ * then reads one root and a node or two (up to four levels in a full
+ * zone) instead of walking some twenty cold nodes of one tree of the
+ * whole zone.  Fewer, deeper trees would keep the roots in cache but
+ * walk more nodes; more trees would make the roots themselves miss.  Each tree stays balanced, so
+ * identities crafted to share a tree cost a logarithmic walk, no more.
+ * Only the roots live in shared memory: the ngx_rbtree_t (with its
+ * insert function, which moves when the module is reloaded from a new
+ * file) is made up on the stack for every change.
  */
 
 
@@ -17,6 +28,9 @@
 
 #define NGX_HTTP_LLMLIMIT_EXPIRE_SCAN   16
 #define NGX_HTTP_LLMLIMIT_WARN_PERIOD   60
+
+/* bumped whenever the layout of the zone changes */
+#define NGX_HTTP_LLMLIMIT_SHM_LAYOUT    2
 
 
 typedef struct {
@@ -48,13 +62,17 @@ static void ngx_http_llmlimit_shm_key(ngx_http_llmlimit_counter_t *c,
     uint64_t k[2]);
 static ngx_rbtree_node_t *ngx_http_llmlimit_shm_lookup(
     ngx_http_llmlimit_zone_t *zone, ngx_rbtree_key_t key, uint64_t key2);
+static void ngx_http_llmlimit_shm_tree(ngx_http_llmlimit_zone_t *zone,
+    uint64_t key2, ngx_rbtree_t *tree);
 static ngx_rbtree_node_t *ngx_http_llmlimit_shm_alloc(
     ngx_http_llmlimit_zone_t *zone, ngx_rbtree_node_t **keep, ngx_uint_t n,
     time_t now, ngx_uint_t *evicted);
 static void ngx_http_llmlimit_shm_free(ngx_http_llmlimit_zone_t *zone,
     ngx_rbtree_node_t *node);
 static ngx_uint_t ngx_http_llmlimit_shm_expire(ngx_http_llmlimit_zone_t *zone,
-    time_t now, ngx_uint_t scan);
+    ngx_rbtree_node_t **keep, ngx_uint_t n, time_t now, ngx_uint_t scan);
+static ngx_int_t ngx_http_llmlimit_shm_init(ngx_shm_zone_t *shm_zone,
+    ngx_http_llmlimit_zone_t *zone);
 static void ngx_http_llmlimit_rbtree_insert_value(ngx_rbtree_node_t *temp,
     ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 
@@ -73,6 +91,7 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     uint64_t                      k[2];
     ngx_int_t                     rc;
     ngx_uint_t                    i, evicted, warn;
+    ngx_rbtree_t                  tree;
     ngx_rbtree_node_t            *nodes[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
     ngx_http_llmlimit_zone_t     *zone;
     ngx_http_llmlimit_node_t     *ln;
@@ -88,8 +107,6 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     warn = 0;
 
     ngx_shmtx_lock(&zone->shpool->mutex);
-
-    ngx_http_llmlimit_shm_expire(zone, sec, 2);
 
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
@@ -109,7 +126,10 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
                 ln->expires = 0;
                 ngx_memzero(&ln->state, sizeof(ngx_http_llmlimit_state_t));
 
-                ngx_rbtree_insert(&zone->sh->rbtree, nodes[i]);
+                ngx_http_llmlimit_shm_tree(zone, k[1], &tree);
+                ngx_rbtree_insert(&tree, nodes[i]);
+                zone->sh->roots[k[1] & zone->sh->mask] = tree.root;
+
                 ngx_queue_insert_head(&zone->sh->lru, &ln->queue);
             }
         }
@@ -232,8 +252,8 @@ ngx_http_llmlimit_shm_lookup(ngx_http_llmlimit_zone_t *zone,
     ngx_rbtree_node_t         *node, *sentinel;
     ngx_http_llmlimit_node_t  *ln;
 
-    node = zone->sh->rbtree.root;
-    sentinel = zone->sh->rbtree.sentinel;
+    node = zone->sh->roots[key2 & zone->sh->mask];
+    sentinel = &zone->sh->sentinel;
 
     while (node != sentinel) {
 
@@ -262,10 +282,27 @@ ngx_http_llmlimit_shm_lookup(ngx_http_llmlimit_zone_t *zone,
 }
 
 
+/* the tree that holds key2, as an ngx_rbtree_t to change it */
+
+static void
+ngx_http_llmlimit_shm_tree(ngx_http_llmlimit_zone_t *zone, uint64_t key2,
+    ngx_rbtree_t *tree)
+{
+    tree->root = zone->sh->roots[key2 & zone->sh->mask];
+    tree->sentinel = &zone->sh->sentinel;
+    tree->insert = ngx_http_llmlimit_rbtree_insert_value;
+}
+
+
 /*
- * A node from the free list; else a new slab page of nodes; else the
- * expired nodes at the LRU tail; else the least recently used node.
- * The n nodes in keep[] belong to the request at hand and are spared.
+ * A node from the free list; else one of the first expired nodes at the
+ * LRU tail; else a new slab page of nodes; else more expired nodes; else
+ * the least recently used node.  The n nodes in keep[] belong to the
+ * request at hand and are spared.
+ *
+ * Expired nodes are reclaimed here only, when a counter is created, not
+ * on every request: the LRU tail is the coldest memory of the zone, and
+ * reading it on every hit cost a cache miss each (see bench/README.md).
  */
 
 static ngx_rbtree_node_t *
@@ -292,6 +329,10 @@ ngx_http_llmlimit_shm_alloc(ngx_http_llmlimit_zone_t *zone,
         switch (tries) {
 
         case 0:
+            (void) ngx_http_llmlimit_shm_expire(zone, keep, n, now, 2);
+            break;
+
+        case 1:
             p = ngx_slab_alloc_locked(zone->shpool, ngx_pagesize);
             if (p == NULL) {
                 break;
@@ -307,12 +348,12 @@ ngx_http_llmlimit_shm_alloc(ngx_http_llmlimit_zone_t *zone,
 
             break;
 
-        case 1:
-            (void) ngx_http_llmlimit_shm_expire(zone, now,
+        case 2:
+            (void) ngx_http_llmlimit_shm_expire(zone, keep, n, now,
                                                 NGX_HTTP_LLMLIMIT_EXPIRE_SCAN);
             break;
 
-        case 2:
+        case 3:
 
             /* evict the least recently used node not of this request */
 
@@ -351,25 +392,33 @@ static void
 ngx_http_llmlimit_shm_free(ngx_http_llmlimit_zone_t *zone,
     ngx_rbtree_node_t *node)
 {
+    ngx_rbtree_t               tree;
     ngx_http_llmlimit_node_t  *ln;
 
     ln = ngx_http_llmlimit_node(node);
 
     ngx_queue_remove(&ln->queue);
-    ngx_rbtree_delete(&zone->sh->rbtree, node);
+
+    ngx_http_llmlimit_shm_tree(zone, ln->key2, &tree);
+    ngx_rbtree_delete(&tree, node);
+    zone->sh->roots[ln->key2 & zone->sh->mask] = tree.root;
     ngx_queue_insert_head(&zone->sh->free, &ln->queue);
     zone->sh->nodes--;
 }
 
 
-/* frees up to "scan" expired nodes from the LRU tail */
+/*
+ * Frees up to "scan" expired nodes from the LRU tail, stopping at one of
+ * the n nodes in keep[].
+ */
 
 static ngx_uint_t
-ngx_http_llmlimit_shm_expire(ngx_http_llmlimit_zone_t *zone, time_t now,
-    ngx_uint_t scan)
+ngx_http_llmlimit_shm_expire(ngx_http_llmlimit_zone_t *zone,
+    ngx_rbtree_node_t **keep, ngx_uint_t n, time_t now, ngx_uint_t scan)
 {
-    ngx_uint_t                 freed;
+    ngx_uint_t                 i, freed;
     ngx_queue_t               *q;
+    ngx_rbtree_node_t         *node;
     ngx_http_llmlimit_node_t  *ln;
 
     freed = 0;
@@ -382,7 +431,15 @@ ngx_http_llmlimit_shm_expire(ngx_http_llmlimit_zone_t *zone, time_t now,
             break;
         }
 
-        ngx_http_llmlimit_shm_free(zone, ngx_http_llmlimit_rbnode(ln));
+        node = ngx_http_llmlimit_rbnode(ln);
+
+        for (i = 0; i < n; i++) {
+            if (keep[i] == node) {
+                return freed;
+            }
+        }
+
+        ngx_http_llmlimit_shm_free(zone, node);
         freed++;
     }
 
@@ -433,39 +490,83 @@ ngx_http_llmlimit_shm_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_llmlimit_zone_t  *ozone = data;
 
-    size_t                     len;
     ngx_http_llmlimit_zone_t  *zone;
 
     zone = shm_zone->data;
+    zone->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
 
     if (ozone) {
         zone->sh = ozone->sh;
-        zone->shpool = ozone->shpool;
-        return NGX_OK;
-    }
 
-    zone->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
-
-    if (shm_zone->shm.exists) {
+    } else if (shm_zone->shm.exists) {
         zone->sh = zone->shpool->data;
+
+    } else {
+        return ngx_http_llmlimit_shm_init(shm_zone, zone);
+    }
+
+    if (zone->sh->layout == NGX_HTTP_LLMLIMIT_SHM_LAYOUT
+        && zone->sh->node_size == NGX_HTTP_LLMLIMIT_NODE_SIZE)
+    {
         return NGX_OK;
     }
 
-    zone->sh = ngx_slab_alloc(zone->shpool, sizeof(ngx_http_llmlimit_shctx_t));
-    if (zone->sh == NULL) {
+    /*
+     * Laid out by another version of the module, and still in use by the
+     * old workers: it can be neither read nor wiped.
+     */
+
+    ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                  "llmlimit zone \"%V\" was laid out by another version "
+                  "of the module: restart nginx, or give the zone another "
+                  "name or size", &zone->name);
+
+    return NGX_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_shm_init(ngx_shm_zone_t *shm_zone,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    size_t                      len;
+    ngx_uint_t                  i, n;
+    ngx_http_llmlimit_shctx_t  *sh;
+
+    sh = ngx_slab_alloc(zone->shpool, sizeof(ngx_http_llmlimit_shctx_t));
+    if (sh == NULL) {
         return NGX_ERROR;
     }
 
-    zone->shpool->data = zone->sh;
+    zone->sh = sh;
+    zone->shpool->data = sh;
 
-    ngx_rbtree_init(&zone->sh->rbtree, &zone->sh->sentinel,
-                    ngx_http_llmlimit_rbtree_insert_value);
+    /* a tree for about every eight counters the zone can hold */
 
-    ngx_queue_init(&zone->sh->lru);
-    ngx_queue_init(&zone->sh->free);
-    zone->sh->nodes = 0;
-    zone->sh->evicted = 0;
-    zone->sh->warn_time = 0;
+    len = shm_zone->shm.size / NGX_HTTP_LLMLIMIT_NODE_SIZE / 8;
+
+    for (n = 1; n * 2 <= len; n *= 2) { /* void */ }
+
+    sh->roots = ngx_slab_alloc(zone->shpool, n * sizeof(ngx_rbtree_node_t *));
+    if (sh->roots == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_rbtree_sentinel_init(&sh->sentinel);
+
+    for (i = 0; i < n; i++) {
+        sh->roots[i] = &sh->sentinel;
+    }
+
+    sh->layout = NGX_HTTP_LLMLIMIT_SHM_LAYOUT;
+    sh->node_size = NGX_HTTP_LLMLIMIT_NODE_SIZE;
+    sh->mask = n - 1;
+
+    ngx_queue_init(&sh->lru);
+    ngx_queue_init(&sh->free);
+    sh->nodes = 0;
+    sh->evicted = 0;
+    sh->warn_time = 0;
 
     len = sizeof(" in llmlimit zone \"\"") + shm_zone->shm.name.len;
 
