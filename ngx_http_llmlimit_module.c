@@ -1210,6 +1210,10 @@ ngx_http_llmlimit_rules(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                            "llmlimit_rules \"%V\" has no rules", &value[1]);
     }
 
+    if (ngx_http_llmlimit_rules_compile(cf, table) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
     /* the 429 bodies, encoded once */
 
     rule = table->rules.elts;

@@ -61,8 +61,8 @@ static char *ngx_http_llmlimit_parse_limits(ngx_conf_t *cf,
 static char *ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf,
     ngx_str_t *spec, ngx_http_llmlimit_limits_t *limits);
 
-static ngx_uint_t ngx_http_llmlimit_match_pattern(ngx_array_t *tokens,
-    ngx_str_t *uri);
+static ngx_uint_t ngx_http_llmlimit_match_pattern(
+    ngx_http_llmlimit_token_t *t, ngx_uint_t n, ngx_str_t *uri);
 static ngx_uint_t ngx_http_llmlimit_is_uuid(u_char *p, size_t len);
 
 
@@ -91,30 +91,30 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
     ngx_http_llmlimit_table_t *table, ngx_http_llmlimit_rule_t **rule,
     ngx_str_t *identity)
 {
-    ngx_int_t                   *index;
-    ngx_uint_t                   i, k;
-    ngx_http_llmlimit_rule_t    *rules, *rl;
+    ngx_uint_t                   i, k, n, method;
+    ngx_http_llmlimit_rule_t    *rl;
+    ngx_http_llmlimit_match_t   *m;
     ngx_http_variable_value_t   *vv;
 #if (NGX_PCRE)
     ngx_int_t                    rc;
 #endif
 
-    rules = table->rules.elts;
+    m = table->match;
+    n = table->rules.nelts;
+    method = r->method;
 
-    for (i = 0; i < table->rules.nelts; i++) {
+    for (i = 0; i < n; i++, m++) {
 
-        rl = &rules[i];
-
-        if (rl->methods && (rl->methods & r->method) == 0) {
+        if (m->methods && (m->methods & method) == 0) {
             continue;
         }
 
-        switch (rl->path_type) {
+        switch (m->path_type) {
 
         case NGX_HTTP_LLMLIMIT_PATH_EXACT:
 
-            if (r->uri.len != rl->path.len
-                || ngx_memcmp(r->uri.data, rl->path.data, rl->path.len) != 0)
+            if (r->uri.len != m->len
+                || ngx_memcmp(r->uri.data, m->data, m->len) != 0)
             {
                 continue;
             }
@@ -123,7 +123,10 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
 
         case NGX_HTTP_LLMLIMIT_PATH_PATTERN:
 
-            if (!ngx_http_llmlimit_match_pattern(rl->path_tokens, &r->uri)) {
+            if (r->uri.len < m->len
+                || !ngx_http_llmlimit_match_pattern(m->data, m->ntokens,
+                                                    &r->uri))
+            {
                 continue;
             }
 
@@ -132,13 +135,14 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
 #if (NGX_PCRE)
         case NGX_HTTP_LLMLIMIT_PATH_REGEX:
 
-            rc = ngx_regex_exec(rl->regex, &r->uri, NULL, 0);
+            rc = ngx_regex_exec(m->data, &r->uri, NULL, 0);
 
             if (rc == NGX_REGEX_NO_MATCHED) {
                 continue;
             }
 
             if (rc < 0) {
+                rl = (ngx_http_llmlimit_rule_t *) table->rules.elts + i;
                 ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
                               ngx_regex_exec_n " failed: %i on \"%V\" "
                               "using \"%V\"", rc, &r->uri, &rl->path);
@@ -154,28 +158,40 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
 
         /* the rule applies only if every variable of its KEY is non-empty */
 
-        index = rl->key_vars->elts;
-        vv = NULL;
+        if (m->nvars == 0) {
 
-        for (k = 0; k < rl->key_vars->nelts; k++) {
-            vv = ngx_http_get_indexed_variable(r, index[k]);
+            /* KEY is one variable: its value is the identity */
+
+            vv = ngx_http_get_indexed_variable(r, m->var);
 
             if (vv == NULL || vv->not_found || vv->len == 0) {
-                break;
+                continue;
             }
-        }
 
-        if (k < rl->key_vars->nelts) {
-            continue;
-        }
+            rl = (ngx_http_llmlimit_rule_t *) table->rules.elts + i;
 
-        if (rl->key_single && vv) {
-            /* KEY is one variable: its value is the identity */
             identity->len = vv->len;
             identity->data = vv->data;
 
-        } else if (ngx_http_complex_value(r, &rl->key, identity) != NGX_OK) {
-            return NGX_ERROR;
+        } else {
+
+            for (k = 0; k < m->nvars; k++) {
+                vv = ngx_http_get_indexed_variable(r, m->vars[k]);
+
+                if (vv == NULL || vv->not_found || vv->len == 0) {
+                    break;
+                }
+            }
+
+            if (k < m->nvars) {
+                continue;
+            }
+
+            rl = (ngx_http_llmlimit_rule_t *) table->rules.elts + i;
+
+            if (ngx_http_complex_value(r, &rl->key, identity) != NGX_OK) {
+                return NGX_ERROR;
+            }
         }
 
         *rule = rl;
@@ -196,15 +212,12 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
  */
 
 static ngx_uint_t
-ngx_http_llmlimit_match_pattern(ngx_array_t *tokens, ngx_str_t *uri)
+ngx_http_llmlimit_match_pattern(ngx_http_llmlimit_token_t *t, ngx_uint_t n,
+    ngx_str_t *uri)
 {
-    u_char                     *p, *q, *start, *end, *star_p;
-    size_t                      len;
-    ngx_uint_t                  i, n, star;
-    ngx_http_llmlimit_token_t  *t;
-
-    t = tokens->elts;
-    n = tokens->nelts;
+    u_char      *p, *q, *start, *end, *star_p;
+    size_t       len;
+    ngx_uint_t   i, star;
 
     start = uri->data;
     end = start + uri->len;
@@ -314,6 +327,143 @@ ngx_http_llmlimit_match_pattern(ngx_array_t *tokens, ngx_str_t *uri)
         p = star_p;
         i = star + 1;
     }
+}
+
+
+/*
+ * Packs the METHODS and PATH of every rule, with the pattern tokens and
+ * the literals they point to, into one block: see ngx_http_llmlimit_match_t.
+ */
+
+char *
+ngx_http_llmlimit_rules_compile(ngx_conf_t *cf,
+    ngx_http_llmlimit_table_t *table)
+{
+    u_char                     *p, *strings;
+    size_t                      size, least;
+    ngx_int_t                  *vars, *idx;
+    ngx_uint_t                  i, j, n, ntokens, nvars;
+    ngx_http_llmlimit_rule_t   *rule;
+    ngx_http_llmlimit_match_t  *m;
+    ngx_http_llmlimit_token_t  *t, *tokens;
+
+    rule = table->rules.elts;
+    n = table->rules.nelts;
+
+    size = n * sizeof(ngx_http_llmlimit_match_t);
+    ntokens = 0;
+    nvars = 0;
+
+    for (i = 0; i < n; i++) {
+
+        nvars += rule[i].key_vars->nelts;
+
+        switch (rule[i].path_type) {
+
+        case NGX_HTTP_LLMLIMIT_PATH_EXACT:
+            size += rule[i].path.len;
+            break;
+
+        case NGX_HTTP_LLMLIMIT_PATH_PATTERN:
+            t = rule[i].path_tokens->elts;
+
+            for (j = 0; j < rule[i].path_tokens->nelts; j++) {
+                size += sizeof(ngx_http_llmlimit_token_t) + t[j].len;
+            }
+
+            ntokens += rule[i].path_tokens->nelts;
+            break;
+        }
+    }
+
+    size += nvars * sizeof(ngx_int_t);
+
+    m = ngx_palloc(cf->pool, size);
+    if (m == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    table->match = m;
+
+    vars = (ngx_int_t *) (m + n);
+    tokens = (ngx_http_llmlimit_token_t *) (vars + nvars);
+    strings = (u_char *) (tokens + ntokens);
+
+    for (i = 0; i < n; i++, m++) {
+
+        m->methods = (uint32_t) rule[i].methods;
+        m->path_type = (uint16_t) rule[i].path_type;
+        m->ntokens = 0;
+        m->len = 0;
+        m->data = NULL;
+
+        idx = rule[i].key_vars->elts;
+
+        if (rule[i].key_single) {
+            m->vars = NULL;
+            m->nvars = 0;
+            m->var = idx[0];
+
+        } else {
+            m->vars = vars;
+            m->nvars = rule[i].key_vars->nelts;
+            m->var = NGX_ERROR;
+
+            ngx_memcpy(vars, idx, m->nvars * sizeof(ngx_int_t));
+            vars += m->nvars;
+        }
+
+        switch (rule[i].path_type) {
+
+        case NGX_HTTP_LLMLIMIT_PATH_EXACT:
+            m->len = rule[i].path.len;
+            m->data = strings;
+            strings = ngx_cpymem(strings, rule[i].path.data,
+                                 rule[i].path.len);
+            break;
+
+        case NGX_HTTP_LLMLIMIT_PATH_PATTERN:
+            t = rule[i].path_tokens->elts;
+            least = 0;
+
+            m->ntokens = (uint16_t) rule[i].path_tokens->nelts;
+            m->data = tokens;
+
+            for (j = 0; j < rule[i].path_tokens->nelts; j++, tokens++) {
+                *tokens = t[j];
+
+                switch (t[j].type) {
+
+                case NGX_HTTP_LLMLIMIT_TOKEN_LITERAL:
+                    p = strings;
+                    strings = ngx_cpymem(strings, t[j].data, t[j].len);
+                    tokens->data = p;
+                    least += t[j].len;
+                    break;
+
+                case NGX_HTTP_LLMLIMIT_TOKEN_UUID:
+                    least += NGX_HTTP_LLMLIMIT_UUID_LEN;
+                    break;
+
+                case NGX_HTTP_LLMLIMIT_TOKEN_NAME:
+                    least++;
+                    break;
+                }
+            }
+
+            /* no URI shorter than this can match */
+            m->len = least;
+            break;
+
+#if (NGX_PCRE)
+        case NGX_HTTP_LLMLIMIT_PATH_REGEX:
+            m->data = rule[i].regex;
+            break;
+#endif
+        }
+    }
+
+    return NGX_CONF_OK;
 }
 
 
