@@ -41,6 +41,9 @@ static ngx_int_t ngx_http_llmlimit_run(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
 static ngx_int_t ngx_http_llmlimit_decide(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+static void ngx_http_llmlimit_log_rejection(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_counter_t *report);
+static void ngx_http_llmlimit_log_dropped(ngx_event_t *ev);
 static void ngx_http_llmlimit_done(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 static ngx_http_llmlimit_ctx_t *ngx_http_llmlimit_get_ctx(
@@ -71,10 +74,31 @@ static char *ngx_http_llmlimit(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_llmlimit_log_limit(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_http_llmlimit_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_init_process(ngx_cycle_t *cycle);
 static void ngx_http_llmlimit_exit_process(ngx_cycle_t *cycle);
+
+
+/*
+ * The rejection lines of this worker process: how many were written in
+ * the current second, and those left out, for the summary line.
+ */
+typedef struct {
+    time_t                          sec;
+    ngx_uint_t                      lines;
+    ngx_uint_t                      dropped;
+    ngx_uint_t                      limit;
+    ngx_uint_t                      level;
+    ngx_log_t                      *log;
+    ngx_event_t                     event;
+    ngx_connection_t                dumb;          /* the event's data */
+} ngx_http_llmlimit_log_state_t;
+
+
+static ngx_http_llmlimit_log_state_t  ngx_http_llmlimit_log_state;
 
 
 static ngx_conf_enum_t  ngx_http_llmlimit_log_levels[] = {
@@ -134,6 +158,13 @@ static ngx_command_t  ngx_http_llmlimit_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_llmlimit_loc_conf_t, log_level),
       &ngx_http_llmlimit_log_levels },
+
+    { ngx_string("llmlimit_log_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_llmlimit_log_limit,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llmlimit_loc_conf_t, log_limit),
+      NULL },
 
     { ngx_string("llmlimit_headers"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE123,
@@ -580,12 +611,10 @@ static ngx_int_t
 ngx_http_llmlimit_decide(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx)
 {
-    u_char                       *fp;
     ngx_int_t                     rc;
     ngx_uint_t                    i, j, rejected;
     ngx_http_llmlimit_batch_t    *b;
     ngx_http_llmlimit_counter_t  *c, *report;
-    u_char                        fingerprint[8];
 
     report = NULL;
     rejected = 0;
@@ -636,18 +665,7 @@ ngx_http_llmlimit_decide(ngx_http_request_t *r,
 
     ctx->retry = report->retry;
 
-    ngx_hex_dump(fingerprint, report->hash, 4);
-
-    fp = fingerprint;
-
-    ngx_log_error(llcf->log_level, r->connection->log, 0,
-                  "llmlimit: %slimiting request, table \"%V\", category "
-                  "\"%V\", key %*s, limit %ui/%M%s, retry after %Mms",
-                  llcf->dry_run ? "dry run, " : "", &report->table->name,
-                  &report->rule->category, (size_t) 8, fp, report->count,
-                  report->period % 1000 ? report->period
-                                        : report->period / 1000,
-                  report->period % 1000 ? "ms" : "s", report->retry);
+    ngx_http_llmlimit_log_rejection(r, llcf, report);
 
     if (llcf->dry_run) {
         ctx->status = NGX_HTTP_LLMLIMIT_REJECTED_DRY;
@@ -666,6 +684,96 @@ ngx_http_llmlimit_decide(ngx_http_request_t *r,
     ngx_http_finalize_request(r, rc);
 
     return NGX_DONE;
+}
+
+
+/*
+ * One line per rejection, as limit_req writes, up to llmlimit_log_limit
+ * lines a second in this worker process; past that, the rejections are
+ * counted, and a timer writes their number a second later.  A flood of
+ * over-limit requests then costs neither a write() each nor the disk.
+ */
+
+static void
+ngx_http_llmlimit_log_rejection(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_counter_t *report)
+{
+    u_char                          *fp;
+    time_t                           now;
+    ngx_event_t                     *ev;
+    ngx_http_core_loc_conf_t        *clcf;
+    ngx_http_llmlimit_log_state_t   *ls;
+    u_char                           fingerprint[8];
+
+    if (r->connection->log->log_level < llcf->log_level) {
+        return;
+    }
+
+    ls = &ngx_http_llmlimit_log_state;
+    now = ngx_time();
+
+    if (ls->sec != now) {
+        ls->sec = now;
+        ls->lines = 0;
+    }
+
+    if (llcf->log_limit && ls->lines >= llcf->log_limit) {
+        clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+        ls->dropped++;
+        ls->limit = llcf->log_limit;
+        ls->level = llcf->log_level;
+        ls->log = clcf->error_log;
+
+        ev = &ls->event;
+
+        if (!ev->timer_set) {
+            ls->dumb.fd = (ngx_socket_t) -1;
+
+            ev->handler = ngx_http_llmlimit_log_dropped;
+            ev->data = &ls->dumb;
+            ev->log = ngx_cycle->log;
+            ev->cancelable = 1;
+
+            ngx_add_timer(ev, 1000);
+        }
+
+        return;
+    }
+
+    ls->lines++;
+
+    ngx_hex_dump(fingerprint, report->hash, 4);
+
+    fp = fingerprint;
+
+    ngx_log_error(llcf->log_level, r->connection->log, 0,
+                  "llmlimit: %slimiting request, table \"%V\", category "
+                  "\"%V\", key %*s, limit %ui/%M%s, retry after %Mms",
+                  llcf->dry_run ? "dry run, " : "", &report->table->name,
+                  &report->rule->category, (size_t) 8, fp, report->count,
+                  report->period % 1000 ? report->period
+                                        : report->period / 1000,
+                  report->period % 1000 ? "ms" : "s", report->retry);
+}
+
+
+static void
+ngx_http_llmlimit_log_dropped(ngx_event_t *ev)
+{
+    ngx_http_llmlimit_log_state_t  *ls;
+
+    ls = &ngx_http_llmlimit_log_state;
+
+    if (ls->dropped == 0) {
+        return;
+    }
+
+    ngx_log_error(ls->level, ls->log, 0,
+                  "llmlimit: %ui more rejections not logged, over %ui "
+                  "lines a second", ls->dropped, ls->limit);
+
+    ls->dropped = 0;
 }
 
 
@@ -871,6 +979,7 @@ ngx_http_llmlimit_create_loc_conf(ngx_conf_t *cf)
     conf->status_code = NGX_CONF_UNSET_UINT;
     conf->dry_run = NGX_CONF_UNSET;
     conf->log_level = NGX_CONF_UNSET_UINT;
+    conf->log_limit = NGX_CONF_UNSET_UINT;
     conf->headers = NGX_CONF_UNSET_UINT;
     conf->reset_epoch = NGX_CONF_UNSET_UINT;
 
@@ -889,6 +998,7 @@ ngx_http_llmlimit_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                               NGX_HTTP_TOO_MANY_REQUESTS);
     ngx_conf_merge_value(conf->dry_run, prev->dry_run, 0);
     ngx_conf_merge_uint_value(conf->log_level, prev->log_level, NGX_LOG_ERR);
+    ngx_conf_merge_uint_value(conf->log_limit, prev->log_limit, 100);
 
     if (conf->headers == NGX_CONF_UNSET_UINT) {
         conf->headers = prev->headers;
@@ -1340,6 +1450,40 @@ ngx_http_llmlimit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 
 static char *
+ngx_http_llmlimit_log_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llmlimit_loc_conf_t *llcf = conf;
+
+    ngx_int_t   n;
+    ngx_str_t  *value;
+
+    if (llcf->log_limit != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        llcf->log_limit = 0;
+        return NGX_CONF_OK;
+    }
+
+    n = ngx_atoi(value[1].data, value[1].len);
+
+    if (n == NGX_ERROR || n == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid llmlimit_log_limit \"%V\", "
+                           "must be \"off\" or lines a second", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->log_limit = n;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
 ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_llmlimit_loc_conf_t *llcf = conf;
@@ -1552,6 +1696,10 @@ ngx_http_llmlimit_exit_process(ngx_cycle_t *cycle)
     ngx_uint_t                       i;
     ngx_http_llmlimit_zone_decl_t  **zones;
     ngx_http_llmlimit_main_conf_t   *lmcf;
+
+    if (ngx_http_llmlimit_log_state.dropped) {
+        ngx_http_llmlimit_log_dropped(&ngx_http_llmlimit_log_state.event);
+    }
 
     lmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_llmlimit_module);
     if (lmcf == NULL) {

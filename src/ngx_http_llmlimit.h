@@ -260,6 +260,7 @@ typedef struct {
     ngx_uint_t                      status_code;
     ngx_flag_t                      dry_run;
     ngx_uint_t                      log_level;
+    ngx_uint_t                      log_limit;     /* lines/s; 0: all */
     ngx_uint_t                      headers;
     ngx_uint_t                      reset_epoch;
     ngx_str_t                       header_limit;

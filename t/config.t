@@ -70,6 +70,7 @@ good('every directive, every value',
         llmlimit_status 429;
         llmlimit_dry_run off;
         llmlimit_log_level error;
+        llmlimit_log_limit 100;
         llmlimit_headers x;
     },
     config => q{
@@ -92,6 +93,7 @@ good('every directive, every value',
             llmlimit off;
             llmlimit_status 599;
             llmlimit_log_level info;
+            llmlimit_log_limit off;
             llmlimit_headers off;
             proxy_pass http://backend;
         }
@@ -209,6 +211,8 @@ for my $case (
     [ 'llmlimit_status not a number', 'llmlimit_status many;', qr/many|invalid number/ ],
     [ 'llmlimit_dry_run value',    'llmlimit_dry_run maybe;', qr/maybe/ ],
     [ 'llmlimit_log_level value',  'llmlimit_log_level debug9;', qr/debug9/ ],
+    [ 'llmlimit_log_limit zero',   'llmlimit_log_limit 0;', qr/"0"/ ],
+    [ 'llmlimit_log_limit word',   'llmlimit_log_limit many;', qr/many/ ],
     [ 'llmlimit_headers mode',     'llmlimit_headers all;', qr/all/ ],
     [ 'llmlimit_headers parameter', 'llmlimit_headers x colour=red;', qr/colour/ ],
     [ 'llmlimit_headers reset',    'llmlimit_headers x reset=later;', qr/later/ ],
@@ -218,5 +222,9 @@ for my $case (
     bad($name, $line, $re, http => $RULES,
         config => "llmlimit t;\n location / {\n $line\n proxy_pass http://backend;\n }");
 }
+
+bad('llmlimit_log_limit twice', 'llmlimit_log_limit 6;', qr/duplicate/,
+    http => $RULES,
+    config => "llmlimit t;\n llmlimit_log_limit 5;\n llmlimit_log_limit 6;\n $LOC");
 
 finish();
