@@ -206,7 +206,8 @@ ngx_http_llmlimit_reject(ngx_http_request_t *r,
     }
 
     p = ngx_cpymem(b->pos, json->data, json->len);
-    b->last = ngx_sprintf(p, "%T}}\n", retry ? retry : 1);
+    p = ngx_http_llmlimit_uint(p, retry ? retry : 1);
+    b->last = ngx_cpymem(p, "}}\n", 3);
     b->last_buf = (r == r->main) ? 1 : 0;
     b->last_in_chain = 1;
 
