@@ -157,7 +157,8 @@ write_conf() {
         http="limit_req_zone \$http_x_api_key zone=bench:64m rate=1000000r/s;"
         loc="limit_req zone=bench burst=1000000 nodelay;"
         ;;
-    llmlimit-shm | llmlimit-redis | llmlimit-reject | llmlimit-reject-quiet)
+    llmlimit-shm | llmlimit-redis | llmlimit-reject | llmlimit-reject-quiet \
+    | llmlimit-reject-logall)
         local redis="" limits=raised
         if [ "$scn" = llmlimit-redis ]; then redis=" redis=127.0.0.1:$REDIS_PORT"; fi
         case $scn in llmlimit-reject*) limits=one ;; esac
@@ -165,12 +166,18 @@ write_conf() {
         http="llmlimit_zone bench 64m$redis;
 $(langsmith_table $limits)"
         loc="llmlimit langsmith;"
-        # the 429 path without the error-log line that every rejection
-        # writes by default (as limit_req does)
-        if [ "$scn" = llmlimit-reject-quiet ]; then
+        # rejections: by default up to 100 error-log lines a second are
+        # written and the rest counted; -quiet logs below the error_log
+        # level (no line at all), -logall writes one line per rejection
+        # as limit_req does (not in the default set)
+        case $scn in
+        llmlimit-reject-quiet)
             loc="$loc
-            llmlimit_log_level info;"
-        fi
+            llmlimit_log_level info;" ;;
+        llmlimit-reject-logall)
+            loc="$loc
+            llmlimit_log_limit off;" ;;
+        esac
         ;;
     fill)
         load="load_module $MODULE;"
@@ -570,7 +577,7 @@ sub median {
 
 my @sorted = grep { $rows{$_} }
              qw(bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject
-                llmlimit-reject-quiet);
+                llmlimit-reject-quiet llmlimit-reject-logall);
 my %known = map { $_ => 1 } @sorted;
 push @sorted, grep { !$known{$_} } @order;
 
@@ -745,7 +752,7 @@ callgrind() {
                 BEGIN { $n = shift @ARGV; }
                 next unless /^\s*([\d,]+) \(.*?\)\s+(\S+?):(\w+)(?: \[(.*)\])?$/;
                 my ($ir, $fn, $obj) = ($1, $3, $4 // "");
-                next unless $obj =~ /llmlimit/ || $fn =~ /^ngx_(log_error_core|vslprintf|strstrn|http_send_header|http_output_filter)$/;
+                next unless $obj =~ /llmlimit/ || $fn =~ /^ngx_(log_error_core|vslprintf|http_send_header|http_output_filter)$/;
                 next if $seen{$fn}++;
                 $ir =~ tr/,//d;
                 printf "%8.0f  %s\n", $ir / $n, $fn;
