@@ -15,8 +15,9 @@
  * then reads one root and a node or two (up to four levels in a full
  * zone) instead of walking some twenty cold nodes of one tree of the
  * whole zone.  Fewer, deeper trees would keep the roots in cache but
- * walk more nodes; more trees would make the roots themselves miss.  Each tree stays balanced, so
- * identities crafted to share a tree cost a logarithmic walk, no more.
+ * walk more nodes; more trees would make the roots themselves miss.
+ * Each tree stays balanced, so identities crafted to share a tree cost a
+ * logarithmic walk, no more.
  * Only the roots live in shared memory: the ngx_rbtree_t (with its
  * insert function, which moves when the module is reloaded from a new
  * file) is made up on the stack for every change.
