@@ -2,7 +2,8 @@
 
 # Reload keeps the counters (and applies changed limits at once), a tiny
 # zone flooded with 100 000 identities keeps serving and logs the eviction,
-# a 6 KB API key, and no raw key in the error log.
+# expired counters are reclaimed before any is evicted, a 6 KB API key, and
+# no raw key in the error log.
 
 use strict;
 use warnings;
@@ -129,6 +130,73 @@ sub rules {
 
     $t->stop(name => 'flood');
 }
+
+
+# --- expired counters go before any is evicted ---------------------------------
+
+# Zones "a" and "b" have one size, so one capacity: "a" measures it (new
+# identities until its zone-full warning), "b" then takes 0.7 of it, lets
+# those counters expire, and takes 0.7 of it again: no eviction, no warning,
+# as the expired counters are reclaimed first.  0.7 more at once, none
+# expired, must then evict: the check can fail.
+{
+    my $t = LLMLimit::Test->new(
+        http => q{
+            llmlimit_zone  a 64k;
+            llmlimit_zone  b 64k;
+            llmlimit_rules ta zone=a algorithm=fixed {
+                "A"  *  *  $http_x_api_key  1/1s;
+            }
+            llmlimit_rules tb zone=b algorithm=fixed {
+                "B"  *  *  $http_x_api_key  1/1s;
+            }
+        },
+        config => q{
+            location /a {
+                llmlimit ta;
+                proxy_pass http://backend;
+            }
+            location /b {
+                llmlimit tb;
+                proxy_pass http://backend;
+            }
+        },
+    )->start;
+
+    my $c = $t->conn;
+    my $tag = uid('expire');
+    my $full = sub { $t->error_log =~ /zone "$_[0]" is full/ };
+
+    my $cap = 0;
+    while (!$full->('a') && $cap < 20_000) {
+        $c->req('GET /a', headers => { 'X-Api-Key' => "$tag-a-" . $cap++ })
+            for 1 .. 10;
+    }
+    ok($full->('a'), "zone a holds about $cap counters");
+
+    my $n = int($cap * 0.7);
+    my $pass = sub {
+        my ($from) = @_;
+        my $ok = 0;
+        for my $i ($from .. $from + $n - 1) {
+            $ok++ if $c->req('GET /b',
+                             headers => { 'X-Api-Key' => "$tag-b-$i" })
+                       ->status == 200;
+        }
+        return $ok;
+    };
+
+    is($pass->(0), $n, "zone b: $n identities pass");
+    sleep 2.5;
+    is($pass->($n), $n, "zone b: $n more once the first expired");
+    ok(!$full->('b'), 'zone b: the expired counters made room, no eviction');
+
+    is($pass->(2 * $n), $n, "zone b: $n more at once");
+    ok($full->('b'), 'zone b: then counters are evicted, with the warning');
+
+    $t->stop(name => 'expire');
+}
+
 
 
 # --- long keys, no raw key in the log ----------------------------------------
