@@ -18,9 +18,8 @@
  * walk more nodes; more trees would make the roots themselves miss.
  * Each tree stays balanced, so identities crafted to share a tree cost a
  * logarithmic walk, no more.
- * Only the roots live in shared memory: the ngx_rbtree_t (with its
- * insert function, which moves when the module is reloaded from a new
- * file) is made up on the stack for every change.
+ * Only the roots live in shared memory: the ngx_rbtree_t, with its insert
+ * function pointer, is made up on the stack for every change.
  */
 
 
@@ -514,7 +513,9 @@ ngx_http_llmlimit_shm_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     /*
      * Laid out by another version of the module, and still in use by the
-     * old workers: it can be neither read nor wiped.
+     * old workers: it can be neither read nor wiped.  (A guard: a reload
+     * keeps running the module loaded at start, even from another file,
+     * as the new file's references resolve to the loaded module.)
      */
 
     ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
