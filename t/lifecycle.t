@@ -135,20 +135,23 @@ sub rules {
 # --- expired counters go before any is evicted ---------------------------------
 
 # Zones "a" and "b" have one size, so one capacity: "a" measures it (new
-# identities until its zone-full warning), "b" then takes 0.7 of it, lets
-# those counters expire, and takes 0.7 of it again: no eviction, no warning,
-# as the expired counters are reclaimed first.  0.7 more at once, none
-# expired, must then evict: the check can fail.
+# identities, which never expire, until its zone-full warning), "b" then
+# takes 0.7 of it, lets those counters expire, and takes 0.7 of it again:
+# no eviction, no warning, as the expired counters are reclaimed first.
+# 1.2 of it, none expiring, must then evict.
 {
     my $t = LLMLimit::Test->new(
         http => q{
             llmlimit_zone  a 64k;
             llmlimit_zone  b 64k;
             llmlimit_rules ta zone=a algorithm=fixed {
-                "A"  *  *  $http_x_api_key  1/1s;
+                "A"  *  *  $http_x_api_key  1/1h;
             }
             llmlimit_rules tb zone=b algorithm=fixed {
                 "B"  *  *  $http_x_api_key  1/1s;
+            }
+            llmlimit_rules tl zone=b algorithm=fixed {
+                "Long"  *  *  $http_x_api_key  1/1h;
             }
         },
         config => q{
@@ -158,6 +161,10 @@ sub rules {
             }
             location /b {
                 llmlimit tb;
+                proxy_pass http://backend;
+            }
+            location /long {
+                llmlimit tl;
                 proxy_pass http://backend;
             }
         },
@@ -174,24 +181,28 @@ sub rules {
     }
     ok($full->('a'), "zone a holds about $cap counters");
 
-    my $n = int($cap * 0.7);
     my $pass = sub {
-        my ($from) = @_;
+        my ($uri, $from, $n) = @_;
         my $ok = 0;
         for my $i ($from .. $from + $n - 1) {
-            $ok++ if $c->req('GET /b',
+            $ok++ if $c->req("GET $uri",
                              headers => { 'X-Api-Key' => "$tag-b-$i" })
                        ->status == 200;
         }
         return $ok;
     };
 
-    is($pass->(0), $n, "zone b: $n identities pass");
+    my $n = int($cap * 0.7);
+
+    is($pass->('/b', 0, $n), $n, "zone b: $n identities pass");
     sleep 2.5;
-    is($pass->($n), $n, "zone b: $n more once the first expired");
+    is($pass->('/b', $n, $n), $n, "zone b: $n more once the first expired");
     ok(!$full->('b'), 'zone b: the expired counters made room, no eviction');
 
-    is($pass->(2 * $n), $n, "zone b: $n more at once");
+    # more counters than the zone holds, none expiring: the warning shows
+    my $m = int($cap * 1.2);
+
+    is($pass->('/long', 0, $m), $m, "zone b: $m identities for an hour");
     ok($full->('b'), 'zone b: then counters are evicted, with the warning');
 
     $t->stop(name => 'expire');
