@@ -85,8 +85,6 @@ typedef struct {
 
 
 typedef struct {
-    ngx_uint_t                      layout;        /* of this version */
-    ngx_uint_t                      node_size;
     ngx_rbtree_node_t             **roots;         /* of the trees */
     ngx_uint_t                      mask;          /* trees - 1 */
     ngx_rbtree_node_t               sentinel;

@@ -29,9 +29,6 @@
 #define NGX_HTTP_LLMLIMIT_EXPIRE_SCAN   16
 #define NGX_HTTP_LLMLIMIT_WARN_PERIOD   60
 
-/* bumped whenever the layout of the zone changes */
-#define NGX_HTTP_LLMLIMIT_SHM_LAYOUT    2
-
 
 typedef struct {
     u_char                          color;
@@ -497,33 +494,15 @@ ngx_http_llmlimit_shm_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     if (ozone) {
         zone->sh = ozone->sh;
-
-    } else if (shm_zone->shm.exists) {
-        zone->sh = zone->shpool->data;
-
-    } else {
-        return ngx_http_llmlimit_shm_init(shm_zone, zone);
-    }
-
-    if (zone->sh->layout == NGX_HTTP_LLMLIMIT_SHM_LAYOUT
-        && zone->sh->node_size == NGX_HTTP_LLMLIMIT_NODE_SIZE)
-    {
         return NGX_OK;
     }
 
-    /*
-     * Laid out by another version of the module, and still in use by the
-     * old workers: it can be neither read nor wiped.  (A guard: a reload
-     * keeps running the module loaded at start, even from another file,
-     * as the new file's references resolve to the loaded module.)
-     */
+    if (shm_zone->shm.exists) {
+        zone->sh = zone->shpool->data;
+        return NGX_OK;
+    }
 
-    ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
-                  "llmlimit zone \"%V\" was laid out by another version "
-                  "of the module: restart nginx, or give the zone another "
-                  "name or size", &zone->name);
-
-    return NGX_ERROR;
+    return ngx_http_llmlimit_shm_init(shm_zone, zone);
 }
 
 
@@ -560,8 +539,6 @@ ngx_http_llmlimit_shm_init(ngx_shm_zone_t *shm_zone,
         sh->roots[i] = &sh->sentinel;
     }
 
-    sh->layout = NGX_HTTP_LLMLIMIT_SHM_LAYOUT;
-    sh->node_size = NGX_HTTP_LLMLIMIT_NODE_SIZE;
     sh->mask = n - 1;
 
     ngx_queue_init(&sh->lru);
