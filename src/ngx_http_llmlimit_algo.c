@@ -13,10 +13,18 @@
  *            cur: requests counted in it.
  *   sliding  t: start of the current aligned window, ms; cur: requests in
  *            it; prev: requests in the window before.  The count is
- *            cur + prev * (P - e) / P, e = now - t.
+ *            cur + floor(prev * (P - 1 - e) / P), e = now - t: the share
+ *            of the previous window inside the sliding window (now - P,
+ *            now], rounded down, so that a client pacing itself at
+ *            COUNT / P is never rejected (README: the guarantees).
  *   gcra     t: theoretical arrival time (TAT), microseconds; emission
  *            interval T = ceil(P / COUNT), a request fits while
  *            TAT - now <= (COUNT - 1) * T.
+ *
+ * Time never goes backwards for a counter: a "now" older than the state
+ * (another worker's, a clock stepped back) counts as no time passed, and
+ * a window only ever moves forward, as limit_req clamps a negative
+ * elapsed time.  "now" itself is read afresh for every decision.
  */
 
 
@@ -35,14 +43,29 @@ static int64_t ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now, int64_t n);
 
 
+/*
+ * The wall clock, ms, read afresh: never the worker's cached time, which
+ * timer_resolution or a long turn of the event loop can leave 100 ms and
+ * more behind the other workers'.  The coarse clock costs a few
+ * nanoseconds (no system call) and is a few ms fine.
+ */
+
 int64_t
 ngx_http_llmlimit_now(void)
 {
-    ngx_time_t  *tp;
+#if defined(CLOCK_REALTIME_COARSE)
+    struct timespec  ts;
 
-    tp = ngx_timeofday();
+    (void) clock_gettime(CLOCK_REALTIME_COARSE, &ts);
 
-    return (int64_t) tp->sec * 1000 + tp->msec;
+    return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+#else
+    struct timeval  tv;
+
+    ngx_gettimeofday(&tv);
+
+    return (int64_t) tv.tv_sec * 1000 + tv.tv_usec / 1000;
+#endif
 }
 
 
@@ -68,13 +91,15 @@ ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
 }
 
 
-/* counts one request; the state has been rolled by check() */
+/* counts one request, checked or not */
 
 void
 ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now)
 {
     int64_t  T, tat, remaining;
+
+    ngx_http_llmlimit_roll(st, c, now);
 
     switch (c->algorithm) {
 
@@ -117,7 +142,7 @@ ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
         break;
 
     default: /* NGX_HTTP_LLMLIMIT_FIXED, NGX_HTTP_LLMLIMIT_SLIDING */
-        if (st->t == now - now % (int64_t) c->period && st->cur > 0) {
+        if (st->t >= now - now % (int64_t) c->period && st->cur > 0) {
             st->cur--;
         }
         break;
@@ -158,7 +183,8 @@ ngx_http_llmlimit_roll(ngx_http_llmlimit_state_t *st,
     P = c->period;
     w = now - now % P;
 
-    if (w == st->t) {
+    if (w <= st->t) {
+        /* the same window, or an older "now": no time passed */
         return;
     }
 
@@ -217,8 +243,8 @@ ngx_http_llmlimit_remaining(ngx_http_llmlimit_state_t *st,
     default: /* NGX_HTTP_LLMLIMIT_SLIDING */
         u = ngx_http_llmlimit_unit(c->period);
         P = c->period / u;
-        e = ngx_min((now - st->t) / u, P);
-        used = st->cur + (st->prev * (P - e) + P - 1) / P;
+        e = ngx_min(ngx_max(now - st->t, 0) / u, P);
+        used = st->cur + st->prev * ngx_max(P - 1 - e, 0) / P;
         break;
     }
 
@@ -236,7 +262,7 @@ static int64_t
 ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now, int64_t n)
 {
-    int64_t  P, e, u, T, K, tat, wait, count, cur, prev;
+    int64_t  P, d, e, u, T, K, tat, wait, count, cur, prev;
 
     count = c->count;
 
@@ -257,7 +283,7 @@ ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
             return 0;
         }
 
-        return st->t + (int64_t) c->period - now;
+        return (int64_t) c->period - ngx_max(now - st->t, 0);
 
     default: /* NGX_HTTP_LLMLIMIT_SLIDING */
         break;
@@ -265,32 +291,38 @@ ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
 
     u = ngx_http_llmlimit_unit(c->period);
     P = c->period / u;
-    e = ngx_min((now - st->t) / u, P);
+    d = ngx_max(now - st->t, 0);
+    e = ngx_min(d / u, P);
     cur = st->cur;
     prev = st->prev;
 
-    if (cur + n <= count) {
+    /*
+     * n more fit at the earliest e' (units into a window whose previous
+     * window holds m) with floor(m * (P - 1 - e') / P) <= K, that is
+     * e' = P - ceil((K + 1) * P / m), or at once when m <= K
+     */
 
-        if (prev == 0) {
+    if (cur + n <= count) {
+        K = count - cur - n;
+
+        if (prev <= K) {
             return 0;
         }
 
-        /* the earliest e' with prev * (P - e') <= K * P */
-
-        K = count - cur - n;
-        wait = P - K * P / prev - e;
+        wait = P - ((K + 1) * P + prev - 1) / prev - e;
 
         if (wait <= 0) {
             return 0;
         }
 
-        return wait * u - (now - st->t) % u;
+        return wait * u - d % u;
     }
 
-    /* next window: prev' = cur, cur' = 0, the earliest e'' likewise */
+    /* in the next window: prev' = cur, cur' = 0, and cur > count - n */
 
     K = count - n;
-    wait = P - e + P - K * P / cur;
 
-    return wait * u - (now - st->t) % u;
+    wait = P - e + P - ((K + 1) * P + cur - 1) / cur;
+
+    return wait * u - d % u;
 }
