@@ -696,11 +696,19 @@ ngx_http_llmlimit_parse_methods(ngx_conf_t *cf,
         rule->methods |= m->method;
 
         if (q == last) {
-            return NGX_CONF_OK;
+            break;
         }
 
         p = q + 1;
     }
+
+    /* GET covers HEAD, as in limit_except: a HEAD is a GET without body */
+
+    if (rule->methods & NGX_HTTP_GET) {
+        rule->methods |= NGX_HTTP_HEAD;
+    }
+
+    return NGX_CONF_OK;
 }
 
 
