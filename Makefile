@@ -5,10 +5,14 @@ BUILD      ?= $(CURDIR)/build
 NGX_SRC    ?= /usr/share/nginx/src
 MODULE      = $(BUILD)/ngx_http_llmlimit_module.so
 SOURCES     = config ngx_http_llmlimit_module.c $(wildcard src/*.c src/*.h)
+NGX_CC_OPT  = -g -O2 -Wall -Wextra -Werror -fPIC $(CC_OPT)
+NGX_LD_OPT  = -fPIC $(LD_OPT)
+RELEASE     = $(BUILD)/release
 DEB_PKGS    = nginx nginx-dev libhiredis-dev libjansson-dev libpcre2-dev \
               libssl-dev zlib1g-dev redis-server wrk perl gcc make
 
-.PHONY: all build deps run test test-valgrind bench clean
+.PHONY: all build build-release deps run test test-valgrind bench \
+        clean
 
 all: build
 
@@ -34,14 +38,35 @@ $(BUILD)/nginx/objs/Makefile: $(NGX_SRC)/conf_flags config
 	cp -r $(NGX_SRC) $(BUILD)/nginx
 	cd $(BUILD)/nginx && . ./conf_flags && \
 	    ./configure "$${NGX_CONF_FLAGS[@]}" \
-	        --with-cc-opt="-g -O2 -Wall -Wextra -Werror -fPIC $(CC_OPT)" \
-	        --with-ld-opt="-fPIC $(LD_OPT)" \
+	        --with-cc-opt="$(NGX_CC_OPT)" --with-ld-opt="$(NGX_LD_OPT)" \
 	        --add-dynamic-module=$(CURDIR) > $(BUILD)/configure.log
 
 $(MODULE): $(BUILD)/nginx/objs/Makefile $(SOURCES)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
 	@# a new inode: a running nginx keeps the old file mapped
 	cp $(BUILD)/nginx/objs/ngx_http_llmlimit_module.so $@.tmp
+	mv -f $@.tmp $@
+
+# make build-release: the same flags without --with-debug, so that code
+# which only ngx_log_debug uses still builds warning-free; in $(RELEASE).
+build-release: deps $(RELEASE)/ngx_http_llmlimit_module.so
+
+$(RELEASE)/nginx/objs/Makefile: $(NGX_SRC)/conf_flags config
+	rm -rf $(RELEASE)/nginx
+	mkdir -p $(RELEASE)
+	cp -r $(NGX_SRC) $(RELEASE)/nginx
+	cd $(RELEASE)/nginx && . ./conf_flags && \
+	    flags=(); for f in "$${NGX_CONF_FLAGS[@]}"; do \
+	        [ "$$f" = --with-debug ] || flags+=("$$f"); \
+	    done; \
+	    ./configure "$${flags[@]}" \
+	        --with-cc-opt="$(NGX_CC_OPT)" --with-ld-opt="$(NGX_LD_OPT)" \
+	        --add-dynamic-module=$(CURDIR) > $(RELEASE)/configure.log
+
+$(RELEASE)/ngx_http_llmlimit_module.so: $(RELEASE)/nginx/objs/Makefile \
+                                        $(SOURCES)
+	$(MAKE) -C $(RELEASE)/nginx -f objs/Makefile modules
+	cp $(RELEASE)/nginx/objs/ngx_http_llmlimit_module.so $@.tmp
 	mv -f $@.tmp $@
 
 clean:
