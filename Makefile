@@ -11,7 +11,7 @@ RELEASE     = $(BUILD)/release
 DEB_PKGS    = nginx nginx-dev libhiredis-dev libjansson-dev libpcre2-dev \
               libssl-dev zlib1g-dev redis-server wrk perl gcc make
 
-.PHONY: all build build-release deps run test test-valgrind bench \
+.PHONY: all build build-release build-src deps run test test-valgrind bench \
         clean
 
 all: build
@@ -68,6 +68,39 @@ $(RELEASE)/ngx_http_llmlimit_module.so: $(RELEASE)/nginx/objs/Makefile \
 	$(MAKE) -C $(RELEASE)/nginx -f objs/Makefile modules
 	cp $(RELEASE)/nginx/objs/ngx_http_llmlimit_module.so $@.tmp
 	mv -f $@.tmp $@
+
+# make build-src NGINX_SRC=/path/to/nginx [NGINX_FLAGS=--with-debug]
+# [STATIC=1]: the module against any nginx source tree (nginx.org's
+# tarball, or a checkout, whose configure is auto/configure). A copy of the
+# tree under $(SRC_BUILD) is configured afresh with --with-compat,
+# NGINX_FLAGS and the cc-opt above, and the .so lands in $(SRC_BUILD).
+# STATIC=1 builds nginx with the module in it (--add-module) instead:
+# $(SRC_BUILD)/nginx/objs/nginx.
+NGINX_SRC  ?=
+NGINX_FLAGS ?=
+STATIC     ?=
+SRC_BUILD   = $(BUILD)/src
+
+build-src:
+	@[ -n "$(NGINX_SRC)" ] && [ -f "$(NGINX_SRC)/src/core/nginx.h" ] || { \
+	    echo "usage: make build-src NGINX_SRC=/path/to/nginx" \
+	         "[NGINX_FLAGS=...] [STATIC=1]" >&2; exit 2; }
+	rm -rf $(SRC_BUILD)
+	mkdir -p $(SRC_BUILD)
+	cp -r $(NGINX_SRC) $(SRC_BUILD)/nginx
+	cd $(SRC_BUILD)/nginx && \
+	    if [ -x configure ]; then conf=./configure; \
+	    else conf=auto/configure; fi; \
+	    $$conf --with-compat $(NGINX_FLAGS) \
+	        --with-cc-opt="$(NGX_CC_OPT)" --with-ld-opt="$(NGX_LD_OPT)" \
+	        $(if $(STATIC),--add-module,--add-dynamic-module)=$(CURDIR) \
+	        > $(SRC_BUILD)/configure.log
+	@sed -n 's/^#define NGINX_VERSION *"\(.*\)"/nginx \1/p' \
+	    $(SRC_BUILD)/nginx/src/core/nginx.h
+	$(MAKE) -C $(SRC_BUILD)/nginx -f objs/Makefile \
+	    $(if $(STATIC),,modules)
+	$(if $(STATIC),,cp $(SRC_BUILD)/nginx/objs/ngx_http_llmlimit_module.so \
+	    $(SRC_BUILD)/)
 
 clean:
 	rm -rf $(BUILD)
