@@ -5,10 +5,14 @@ BUILD      ?= $(CURDIR)/build
 NGX_SRC    ?= /usr/share/nginx/src
 MODULE      = $(BUILD)/ngx_http_llmlimit_module.so
 SOURCES     = config ngx_http_llmlimit_module.c $(wildcard src/*.c src/*.h)
+NGX_CC_OPT  = -g -O2 -Wall -Wextra -Werror -fPIC $(CC_OPT)
+NGX_LD_OPT  = -fPIC $(LD_OPT)
+RELEASE     = $(BUILD)/release
 DEB_PKGS    = nginx nginx-dev libhiredis-dev libjansson-dev libpcre2-dev \
               libssl-dev zlib1g-dev redis-server wrk perl gcc make
 
-.PHONY: all build deps run test test-valgrind bench clean
+.PHONY: all build build-release build-src deps run test test-valgrind bench \
+        clean
 
 all: build
 
@@ -34,8 +38,7 @@ $(BUILD)/nginx/objs/Makefile: $(NGX_SRC)/conf_flags config
 	cp -r $(NGX_SRC) $(BUILD)/nginx
 	cd $(BUILD)/nginx && . ./conf_flags && \
 	    ./configure "$${NGX_CONF_FLAGS[@]}" \
-	        --with-cc-opt="-g -O2 -Wall -Wextra -Werror -fPIC $(CC_OPT)" \
-	        --with-ld-opt="-fPIC $(LD_OPT)" \
+	        --with-cc-opt="$(NGX_CC_OPT)" --with-ld-opt="$(NGX_LD_OPT)" \
 	        --add-dynamic-module=$(CURDIR) > $(BUILD)/configure.log
 
 $(MODULE): $(BUILD)/nginx/objs/Makefile $(SOURCES)
@@ -43,6 +46,61 @@ $(MODULE): $(BUILD)/nginx/objs/Makefile $(SOURCES)
 	@# a new inode: a running nginx keeps the old file mapped
 	cp $(BUILD)/nginx/objs/ngx_http_llmlimit_module.so $@.tmp
 	mv -f $@.tmp $@
+
+# make build-release: the same flags without --with-debug, so that code
+# which only ngx_log_debug uses still builds warning-free; in $(RELEASE).
+build-release: deps $(RELEASE)/ngx_http_llmlimit_module.so
+
+$(RELEASE)/nginx/objs/Makefile: $(NGX_SRC)/conf_flags config
+	rm -rf $(RELEASE)/nginx
+	mkdir -p $(RELEASE)
+	cp -r $(NGX_SRC) $(RELEASE)/nginx
+	cd $(RELEASE)/nginx && . ./conf_flags && \
+	    flags=(); for f in "$${NGX_CONF_FLAGS[@]}"; do \
+	        [ "$$f" = --with-debug ] || flags+=("$$f"); \
+	    done; \
+	    ./configure "$${flags[@]}" \
+	        --with-cc-opt="$(NGX_CC_OPT)" --with-ld-opt="$(NGX_LD_OPT)" \
+	        --add-dynamic-module=$(CURDIR) > $(RELEASE)/configure.log
+
+$(RELEASE)/ngx_http_llmlimit_module.so: $(RELEASE)/nginx/objs/Makefile \
+                                        $(SOURCES)
+	$(MAKE) -C $(RELEASE)/nginx -f objs/Makefile modules
+	cp $(RELEASE)/nginx/objs/ngx_http_llmlimit_module.so $@.tmp
+	mv -f $@.tmp $@
+
+# make build-src NGINX_SRC=/path/to/nginx [NGINX_FLAGS=--with-debug]
+# [STATIC=1]: the module against any nginx source tree (nginx.org's
+# tarball, or a checkout, whose configure is auto/configure). A copy of the
+# tree under $(SRC_BUILD) is configured afresh with --with-compat,
+# NGINX_FLAGS and the cc-opt above, and the .so lands in $(SRC_BUILD).
+# STATIC=1 builds nginx with the module in it (--add-module) instead:
+# $(SRC_BUILD)/nginx/objs/nginx.
+NGINX_SRC  ?=
+NGINX_FLAGS ?=
+STATIC     ?=
+SRC_BUILD   = $(BUILD)/src
+
+build-src:
+	@[ -n "$(NGINX_SRC)" ] && [ -f "$(NGINX_SRC)/src/core/nginx.h" ] || { \
+	    echo "usage: make build-src NGINX_SRC=/path/to/nginx" \
+	         "[NGINX_FLAGS=...] [STATIC=1]" >&2; exit 2; }
+	rm -rf $(SRC_BUILD)
+	mkdir -p $(SRC_BUILD)
+	cp -r $(NGINX_SRC) $(SRC_BUILD)/nginx
+	cd $(SRC_BUILD)/nginx && \
+	    if [ -x configure ]; then conf=./configure; \
+	    else conf=auto/configure; fi; \
+	    $$conf --with-compat $(NGINX_FLAGS) \
+	        --with-cc-opt="$(NGX_CC_OPT)" --with-ld-opt="$(NGX_LD_OPT)" \
+	        $(if $(STATIC),--add-module,--add-dynamic-module)=$(CURDIR) \
+	        > $(SRC_BUILD)/configure.log
+	@sed -n 's/^#define NGINX_VERSION *"\(.*\)"/nginx \1/p' \
+	    $(SRC_BUILD)/nginx/src/core/nginx.h
+	$(MAKE) -C $(SRC_BUILD)/nginx -f objs/Makefile \
+	    $(if $(STATIC),,modules)
+	$(if $(STATIC),,cp $(SRC_BUILD)/nginx/objs/ngx_http_llmlimit_module.so \
+	    $(SRC_BUILD)/)
 
 clean:
 	rm -rf $(BUILD)

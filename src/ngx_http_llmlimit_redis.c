@@ -28,15 +28,15 @@
  */
 
 
+#include "ngx_http_llmlimit.h"
+#include <ngx_sha1.h>
+
 #include <sys/ioctl.h>
 
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
 #include <hiredis/sds.h>
 
-#include <ngx_sha1.h>
-
-#include "ngx_http_llmlimit.h"
 #include "ngx_http_llmlimit_redis_lua.h"
 
 
@@ -949,12 +949,14 @@ ngx_http_llmlimit_redis_connected(const redisAsyncContext *ac, int status)
 static void
 ngx_http_llmlimit_redis_disconnected(const redisAsyncContext *ac, int status)
 {
+#if (NGX_DEBUG)
     ngx_http_llmlimit_redis_t  *redis;
 
     redis = ac->data;
 
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
                    "llmlimit redis %V disconnected: %d", &redis->addr, status);
+#endif
 }
 
 

@@ -28,6 +28,12 @@
 /* the longest PERIOD, in seconds: 365d */
 #define NGX_HTTP_LLMLIMIT_MAX_PERIOD      (365 * 24 * 60 * 60)
 
+/*
+ * the largest COUNT: the Redis script multiplies counts by periods in
+ * units below 2^24 in Lua doubles, exact below 2^53
+ */
+#define NGX_HTTP_LLMLIMIT_MAX_COUNT       ((1 << 29) - 1)
+
 
 typedef struct {
     ngx_uint_t                      type;
@@ -1173,7 +1179,8 @@ static char *
 ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
     ngx_http_llmlimit_limits_t *limits)
 {
-    u_char                     *p, *q, *slash, *last;
+    char                       *reason;
+    u_char                     *p, *q, *d, *slash, *last;
     ngx_int_t                   count, period;
     ngx_str_t                   item, s;
     ngx_uint_t                  j;
@@ -1206,32 +1213,45 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
 
         slash = ngx_strlchr(p, q, '/');
 
-        if (slash == NULL) {
+        if (slash == NULL || slash == p || slash + 1 == q) {
+            reason = "not COUNT/PERIOD";
             goto invalid;
         }
+
+        for (d = p; d < slash; d++) {
+            if (*d < '0' || *d > '9') {
+                reason = "COUNT is not a positive integer";
+                goto invalid;
+            }
+        }
+
+        /* NGX_ERROR here is an overflow */
 
         count = ngx_atoi(p, slash - p);
 
         if (count == NGX_ERROR || count == 0
-            || (ngx_uint_t) count > NGX_MAX_INT32_VALUE)
+            || count > NGX_HTTP_LLMLIMIT_MAX_COUNT)
         {
+            reason = "COUNT out of range";
             goto invalid;
         }
 
         s.data = slash + 1;
         s.len = q - s.data;
 
-        if (s.len == 0) {
+        period = ngx_parse_time(&s, 0);
+
+        if (period == NGX_ERROR) {
+            reason = "PERIOD is not a time";
             goto invalid;
         }
 
-        period = ngx_parse_time(&s, 0);
-
-        if (period == NGX_ERROR || period <= 0
+        if (period <= 0
             || period / 1000 > NGX_HTTP_LLMLIMIT_MAX_PERIOD
             || (period / 1000 == NGX_HTTP_LLMLIMIT_MAX_PERIOD
                 && period % 1000))
         {
+            reason = "PERIOD out of range";
             goto invalid;
         }
 
@@ -1266,8 +1286,11 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
 invalid:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid limit \"%V\" in llmlimit rule, "
-                       "expected COUNT/PERIOD or \"unlimited\"", &item);
+                       "invalid limit \"%V\" in llmlimit rule, %s: "
+                       "expected COUNT/PERIOD with COUNT from 1 to %d and "
+                       "PERIOD from 1ms to %dd, or \"unlimited\"",
+                       &item, reason, NGX_HTTP_LLMLIMIT_MAX_COUNT,
+                       NGX_HTTP_LLMLIMIT_MAX_PERIOD / (24 * 60 * 60));
 
     return NGX_CONF_ERROR;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/perl
 
-# Reload keeps the counters (and applies changed limits at once), a tiny
-# zone flooded with 100 000 identities keeps serving and logs the eviction,
+# Reload keeps the counters (and applies changed limits at once), but
+# starts afresh those whose algorithm= or PERIOD changed, a tiny zone
+# flooded with 100 000 identities keeps serving and logs the eviction,
 # expired counters are reclaimed before any is evicted, a 6 KB API key, and
 # no raw key in the error log.
 
@@ -13,6 +14,8 @@ use lib "$FindBin::Bin/lib";
 
 use Test::More;
 use LLMLimit::Test;
+
+require "$FindBin::Bin/redis-lib.pl";
 
 my $SERVER = q{
     llmlimit t;
@@ -76,6 +79,85 @@ sub rules {
        'serves');
 
     $t->stop(name => 'reload');
+}
+
+
+# --- reload: algorithm= and PERIOD name the counter --------------------------
+#
+# A counter is (table, category, KEY expression, identity, PERIOD,
+# algorithm): a reload that changes the table's algorithm= or a limit's
+# PERIOD starts it afresh, in shared memory and in Redis alike, while a new
+# COUNT, or the same period written another way (1h, 60m), keeps it.
+
+sub table {
+    my ($limit, $algorithm, $redis) = @_;
+    my $zone = $redis ? ' redis=' . $redis->addr : '';
+    return qq{
+        llmlimit_zone  z 1m$zone;
+        llmlimit_rules t zone=z algorithm=$algorithm {
+            "Cat"  *  *  \$http_x_api_key  $limit;
+        }
+    };
+}
+
+for my $store ('shm', 'redis') {
+    SKIP: {
+        skip 'redis-server not installed', 12
+            if $store eq 'redis' && !LLMLimit::Redis::available();
+
+        my $rd = $store eq 'redis' ? LLMLimit::Redis->new : undef;
+
+        my $t = LLMLimit::Test->new(http => table('3/1h', 'sliding', $rd),
+                                    config => $SERVER, workers => 2)->start;
+
+        # inside one hour window, so inside one of 2h (aligned) too
+        wait_window(3600, margin => valgrind() ? 300 : 60);
+
+        my %k = (headers => { 'X-Api-Key' => uid() });
+
+        my $remaining = sub {
+            my $r = $t->req('GET /', %k);
+            return $r->status == 200 ? $r->header('X-RateLimit-Remaining')
+                                     : 'status ' . $r->status;
+        };
+
+        $remaining->();
+        is($remaining->(), 1, "$store: sliding 3/1h, 2 used");
+
+        ok($t->reload(http => table('3/60m', 'sliding', $rd)),
+           "$store: reload, 3/60m");
+        is($remaining->(), 0, "$store: 60m is 1h: the counter was kept");
+
+        ok($t->reload(http => table('3/60m', 'fixed', $rd)),
+           "$store: reload, algorithm=fixed");
+        is($remaining->(), 2, "$store: algorithm changed: counted afresh");
+
+        ok($t->reload(http => table('3/2h', 'fixed', $rd)),
+           "$store: reload, 3/2h");
+        is($remaining->(), 2, "$store: period changed: counted afresh");
+
+        ok($t->reload(http => table('5/2h', 'fixed', $rd)),
+           "$store: reload, 5/2h");
+        is($remaining->(), 3, "$store: count changed: the counter was kept");
+
+        if ($rd) {
+            # decided in Redis: one key per period, both fixed-window now
+            my @keys = sort $rd->keys;
+            is_deeply([ map { [ /:(\d+)$/, ($rd->cmd('GET', $_) =~ /^(\d)/) ] }
+                        @keys ],
+                      [ [ 3600000, 1 ], [ 7200000, 1 ] ],
+                      'redis: keys PREFIX{hash}:3600000 and :7200000, '
+                      . 'algorithm 1 (fixed)')
+                or diag(join ', ', map { "$_ = " . $rd->cmd('GET', $_) }
+                                   @keys);
+        }
+
+        unlike($t->error_log, qr/ lost: /, "$store: Redis was never lost")
+            if $rd;
+
+        $t->stop(name => "reload, $store");
+        $rd->stop if $rd;
+    }
 }
 
 

@@ -59,7 +59,8 @@ good('a  *  "~^/api/v[0-9]+/items$"  $http_x_api_key  1/1s;');
 good('a  *  "~*^/nocase"  $http_x_api_key  1/1s;');
 good('a  *  *  $http_x_user_id:$remote_addr  1/1s,5000/30d;');
 good('a  *  *  "u=${http_x_user_id}"  1/500ms;');
-good('a  *  *  $http_x_api_key  2147483647/365d;');
+good('a  *  *  $http_x_api_key  536870911/365d;');
+good('a  *  *  $http_x_api_key  1/1ms,2/8760h;');
 good('a  *  *  $http_x_api_key  1/1s,2/2s,3/3s,4/4s,5/5s,6/6s,7/7s,8/8s;');
 good('a  *  *  $http_authorization'
      . '  hobby=1/1s  pro=300/60s  enterprise=unlimited  10/60s;',
@@ -113,19 +114,42 @@ bad('a  *  /  abc  1/1s;', qr/key "abc" of llmlimit rule has no variables/);
 bad('a  *  /  $1  1/1s;', qr/invalid variable "\$1" in key "\$1"/);
 
 
-# LIMITS
+# LIMITS: each error names the range of COUNT (the Redis script keeps
+# counts below 2^29) and of PERIOD
 
-bad('a  *  /  $binary_remote_addr  15/0s;', qr/invalid limit "15\/0s"/);
-bad('a  *  /  $binary_remote_addr  0/1s;', qr/invalid limit "0\/1s"/);
-bad('a  *  /  $binary_remote_addr  -1/1s;', qr/invalid limit "-1\/1s"/);
-bad('a  *  /  $binary_remote_addr  x/1s;', qr/invalid limit "x\/1s"/);
-bad('a  *  /  $binary_remote_addr  2147483648/1s;',
-    qr/invalid limit "2147483648\/1s"/);
-bad('a  *  /  $binary_remote_addr  1/366d;', qr/invalid limit "1\/366d"/);
-bad('a  *  /  $binary_remote_addr  1/1x;', qr/invalid limit "1\/1x"/);
-bad('a  *  /  $binary_remote_addr  15;', qr/invalid limit "15"/);
-bad('a  *  /  $binary_remote_addr  15/;', qr/invalid limit "15\/"/);
-bad('a  *  /  $binary_remote_addr  1/1s,;', qr/invalid limit ""/);
+my $RANGE = 'expected COUNT/PERIOD with COUNT from 1 to 536870911 and '
+          . 'PERIOD from 1ms to 365d, or "unlimited"';
+
+sub bad_limit {
+    my ($limits, $reason, %o) = @_;
+    my $line = "a  *  /  \$binary_remote_addr  $limits;";
+    my $item = $o{item} // $limits;
+    bad($line, qr/\Qinvalid limit "$item" in llmlimit rule, $reason: $RANGE\E/,
+        %o);
+}
+
+bad_limit('0/1s', 'COUNT out of range');
+bad_limit('536870912/1s', 'COUNT out of range');
+bad_limit('2147483648/1s', 'COUNT out of range');
+bad_limit('99999999999/1s', 'COUNT out of range');
+bad_limit('99999999999999999999999/1s', 'COUNT out of range');
+bad_limit('-1/1s', 'COUNT is not a positive integer');
+bad_limit('x/1s', 'COUNT is not a positive integer');
+bad_limit('15/0s', 'PERIOD out of range');
+bad_limit('15/0', 'PERIOD out of range');
+bad_limit('1/366d', 'PERIOD out of range');
+bad_limit('1/8761h', 'PERIOD out of range');
+bad_limit('1/365d1ms', 'PERIOD out of range');
+bad_limit('1/1x', 'PERIOD is not a time');
+bad_limit('1/1.5s', 'PERIOD is not a time');
+bad_limit('1/s', 'PERIOD is not a time');
+bad_limit('15', 'not COUNT/PERIOD');
+bad_limit('15/', 'not COUNT/PERIOD');
+bad_limit('/1s', 'not COUNT/PERIOD');
+bad_limit('1/1s,', 'not COUNT/PERIOD', item => '');
+bad_limit('1/1s,0/60s', 'COUNT out of range', item => '0/60s');
+bad_limit('hobby=1/0s  3/3s', 'PERIOD out of range', plan => 1,
+          item => '1/0s');
 bad('a  *  /  $binary_remote_addr  10/60s,20/60s;',
     qr/duplicate period in limit "20\/60s" of "10\/60s,20\/60s"/);
 bad('a  *  /  $binary_remote_addr  10/60s,20/1m;',
@@ -144,8 +168,6 @@ bad('a  *  /  $binary_remote_addr  hobby=1/1s  hobby=2/2s  3/3s;',
     qr/duplicate plan "hobby"/, plan => 1);
 bad('a  *  /  $binary_remote_addr  =1/1s  3/3s;',
     qr/empty plan name in limits "=1\/1s"/, plan => 1);
-bad('a  *  /  $binary_remote_addr  hobby=1/0s  3/3s;',
-    qr/invalid limit "1\/0s"/, plan => 1);
 
 
 finish();
