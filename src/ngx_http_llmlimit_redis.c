@@ -25,6 +25,12 @@
  * while CONNECTING only if Redis was not known to be lost (the first
  * connection of a worker), otherwise they fail at once and the zone's
  * failure policy decides.
+ *
+ * A slow reply costs the request that waited for it, not the connection:
+ * when redis_timeout expires the request goes on by its failure policy
+ * (counted in a warning, at most one line a second).  The connection is
+ * lost only on an error, EOF, a reply of the wrong shape, or no reply at
+ * all for 20 times redis_timeout (at least STALL).
  */
 
 
@@ -74,6 +80,10 @@
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
     (4 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 4 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
 
+/* what the warning line of the failed requests counts */
+#define NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT     0
+#define NGX_HTTP_LLMLIMIT_REDIS_OVERFLOW    1
+
 
 typedef struct ngx_http_llmlimit_redis_wait_s  ngx_http_llmlimit_redis_wait_t;
 typedef struct ngx_http_llmlimit_redis_call_s  ngx_http_llmlimit_redis_call_t;
@@ -107,6 +117,10 @@ struct ngx_http_llmlimit_redis_s {
     ngx_queue_t                     calls;         /* not sent yet */
     ngx_queue_t                     free_calls;
     ngx_event_t                     flush;         /* sends the calls */
+
+    ngx_event_t                     warn;          /* one line a second */
+    ngx_uint_t                      timeouts;      /* since the last line */
+    ngx_uint_t                      overflows;
 
     const char                    **argv;
     size_t                         *argvlen;
@@ -174,6 +188,10 @@ static ngx_int_t ngx_http_llmlimit_redis_result(
 static void ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call, ngx_int_t rc);
 static void ngx_http_llmlimit_redis_timeout(ngx_event_t *ev);
+static void ngx_http_llmlimit_redis_stalled(ngx_http_llmlimit_redis_t *redis);
+static void ngx_http_llmlimit_redis_slow(ngx_http_llmlimit_redis_t *redis,
+    ngx_uint_t what);
+static void ngx_http_llmlimit_redis_warn(ngx_event_t *ev);
 static void ngx_http_llmlimit_redis_cleanup(void *data);
 static void ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w);
 
@@ -213,6 +231,11 @@ static void ngx_http_llmlimit_redis_free_connection(void *data);
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
     ngx_http_llmlimit_redis_check
+};
+
+
+static char  *ngx_http_llmlimit_redis_policies[] = {
+    "local", "open", "closed"
 };
 
 
@@ -263,7 +286,9 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     }
 
     if (redis->pending >= NGX_HTTP_LLMLIMIT_REDIS_PENDING) {
-        ngx_http_llmlimit_redis_fail(redis, "too many requests waiting");
+        /* Redis is slow: this request, not the connection, pays for it */
+        ngx_http_llmlimit_redis_slow(redis, NGX_HTTP_LLMLIMIT_REDIS_OVERFLOW);
+        ngx_http_llmlimit_redis_stalled(redis);
         return NGX_ERROR;
     }
 
@@ -728,6 +753,11 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
 }
 
 
+/*
+ * A request waited redis_timeout: it goes on by the zone's failure policy,
+ * the connection stays as it is.
+ */
+
 static void
 ngx_http_llmlimit_redis_timeout(ngx_event_t *ev)
 {
@@ -749,19 +779,77 @@ ngx_http_llmlimit_redis_timeout(ngx_event_t *ev)
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "llmlimit redis timed out");
 
-    ngx_http_llmlimit_redis_fail(redis, "timed out");
+    ngx_http_llmlimit_redis_slow(redis, NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT);
 
     b->rc = NGX_ERROR;
     b->done(r, b);
 
-    /* no reply at all for long: the connection is dead, reconnect */
+    ngx_http_llmlimit_redis_stalled(redis);
+}
 
+
+/*
+ * No reply at all for long while replies are owed: the connection is
+ * dead, reconnect.  The only way slowness loses the connection.
+ */
+
+static void
+ngx_http_llmlimit_redis_stalled(ngx_http_llmlimit_redis_t *redis)
+{
     if (redis->ac != NULL && redis->pending
         && ngx_current_msec - redis->since
            >= ngx_max(20 * redis->timeout, NGX_HTTP_LLMLIMIT_REDIS_STALL))
     {
         ngx_http_llmlimit_redis_drop(redis, "no reply");
     }
+}
+
+
+/* a request failed by slowness: counted, logged at most once a second */
+
+static void
+ngx_http_llmlimit_redis_slow(ngx_http_llmlimit_redis_t *redis,
+    ngx_uint_t what)
+{
+    if (what == NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT) {
+        redis->timeouts++;
+
+    } else {
+        redis->overflows++;
+    }
+
+    if (!redis->warn.timer_set && !ngx_http_llmlimit_redis_quitting(redis)) {
+        ngx_add_timer(&redis->warn, 1000);
+    }
+}
+
+
+static void
+ngx_http_llmlimit_redis_warn(ngx_event_t *ev)
+{
+    ngx_http_llmlimit_redis_t *redis = ev->data;
+
+    if (redis->timeouts) {
+        ngx_log_error(NGX_LOG_WARN, redis->log, 0,
+                      "llmlimit zone \"%V\": redis %V: %ui request%s timed "
+                      "out after %Mms, decided by redis_failure=%s",
+                      &redis->zone->name, &redis->addr, redis->timeouts,
+                      redis->timeouts == 1 ? "" : "s", redis->timeout,
+                      ngx_http_llmlimit_redis_policies[redis->zone->failure]);
+    }
+
+    if (redis->overflows) {
+        ngx_log_error(NGX_LOG_WARN, redis->log, 0,
+                      "llmlimit zone \"%V\": redis %V: %ui request%s not "
+                      "sent, %ui replies owed already, decided by "
+                      "redis_failure=%s",
+                      &redis->zone->name, &redis->addr, redis->overflows,
+                      redis->overflows == 1 ? "" : "s", redis->pending,
+                      ngx_http_llmlimit_redis_policies[redis->zone->failure]);
+    }
+
+    redis->timeouts = 0;
+    redis->overflows = 0;
 }
 
 
@@ -1707,6 +1795,13 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->flush.data = redis;
     redis->flush.log = cycle->log;
 
+    redis->warn.handler = ngx_http_llmlimit_redis_warn;
+    redis->warn.data = redis;
+    redis->warn.log = cycle->log;
+    redis->warn.cancelable = 1;
+    redis->timeouts = 0;
+    redis->overflows = 0;
+
     redis->event.handler = ngx_http_llmlimit_redis_timer;
     redis->event.data = redis;
     redis->event.log = cycle->log;
@@ -1747,6 +1842,11 @@ ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
 
     if (redis->flush.posted) {
         ngx_delete_posted_event(&redis->flush);
+    }
+
+    if (redis->warn.timer_set) {
+        ngx_del_timer(&redis->warn);
+        ngx_http_llmlimit_redis_warn(&redis->warn);
     }
 
     /* requests still waiting are not resumed any more, nor sent */
