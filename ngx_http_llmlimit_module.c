@@ -78,6 +78,7 @@ static char *ngx_http_llmlimit_log_limit(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_llmlimit_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_llmlimit_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_llmlimit_init_process(ngx_cycle_t *cycle);
 static void ngx_http_llmlimit_exit_process(ngx_cycle_t *cycle);
 
@@ -198,7 +199,7 @@ ngx_module_t  ngx_http_llmlimit_module = {
     ngx_http_llmlimit_commands,            /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
+    ngx_http_llmlimit_init_module,         /* init module */
     ngx_http_llmlimit_init_process,        /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
@@ -1658,6 +1659,38 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;
     ngx_http_top_header_filter = ngx_http_llmlimit_header_filter;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Once the whole configuration is read (timer_resolution may come after
+ * the http block), in the master process and with "nginx -t".
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_init_module(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                       i;
+    ngx_http_llmlimit_zone_decl_t  **zones;
+    ngx_http_llmlimit_main_conf_t   *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_llmlimit_module);
+    if (lmcf == NULL) {
+        return NGX_OK;
+    }
+
+    zones = lmcf->zones.elts;
+
+    for (i = 0; i < lmcf->zones.nelts; i++) {
+        if (zones[i]->zone.redis
+            && ngx_http_llmlimit_redis_init_module(cycle, &zones[i]->zone)
+               != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
 
     return NGX_OK;
 }

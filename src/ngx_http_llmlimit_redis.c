@@ -1744,6 +1744,48 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
 }
 
 
+/*
+ * With timer_resolution R, nginx reads the clock and runs the timers every
+ * R only: a timer of less than R expires at the next tick, however soon
+ * after the request it comes, so such a redis_timeout means nothing.  It
+ * is raised to 2 * R: every request then waits at least R, which is more
+ * than what was asked, and at most 3 * R.  Called once the whole
+ * configuration is read (timer_resolution may follow the http block), so
+ * that "nginx -t" shows the warning.
+ */
+
+ngx_int_t
+ngx_http_llmlimit_redis_init_module(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    ngx_msec_t                  res;
+    ngx_core_conf_t            *ccf;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = zone->redis;
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    if (redis == NULL || ccf == NULL) {
+        return NGX_OK;
+    }
+
+    res = ccf->timer_resolution;
+
+    if (res == 0 || res == NGX_CONF_UNSET_MSEC || redis->timeout >= res) {
+        return NGX_OK;
+    }
+
+    ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
+                  "llmlimit zone \"%V\": redis_timeout=%Mms is below "
+                  "timer_resolution %Mms, %Mms is used instead",
+                  &zone->name, redis->timeout, res, 2 * res);
+
+    redis->timeout = 2 * res;
+
+    return NGX_OK;
+}
+
+
 /* the worker */
 
 ngx_int_t

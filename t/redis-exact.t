@@ -1,5 +1,6 @@
 # Limits that hold exactly with Redis (issue 8): a slow reply costs the
-# request that waited for it, not the connection.
+# request that waited for it, not the connection; redis_timeout below
+# timer_resolution is raised.
 
 use strict;
 use warnings;
@@ -200,6 +201,69 @@ my $SERVER = q{
     $t->stop;
     $rd->stop;
 }
+
+
+# ---------------------------------------------------------------------------
+# redis_timeout below timer_resolution
+
+{
+    my $rd = LLMLimit::Redis->new;
+    my $res = int(100 * $SLOW) . 'ms';
+    my $http = zone('tr', $rd->addr, 'local', timeout => '20ms') . q{
+        llmlimit_rules tr zone=tr { "TR"  GET  /tr  $http_x_api_key  1000/1h; }
+    };
+
+    my $r = nginx_t(main => "timer_resolution $res;", http => $http);
+    is($r->{rc}, 0, 'nginx -t passes');
+    like($r->{out}, qr/\[warn\].*zone "tr".*redis_timeout.*timer_resolution/,
+         'nginx -t warns, naming the zone') or diag($r->{out});
+
+    # timer_resolution after the http block
+    my $t0 = LLMLimit::Test->new(http => $http);
+    $r = nginx_t(conf => $t0->conf_text . "\ntimer_resolution $res;\n");
+    $t0->{tested} = 1;
+    like($r->{out}, qr/\[warn\].*zone "tr".*redis_timeout.*timer_resolution/,
+         'also with timer_resolution after http { }') or diag($r->{out});
+
+    $r = nginx_t(main => 'timer_resolution 10ms;', http => $http);
+    unlike($r->{out}, qr/\[warn\].*zone "tr"/,
+           'no warning when the timeout is above it') or diag($r->{out});
+
+    my $t = LLMLimit::Test->new(
+        name   => 'timer_resolution',
+        main   => "timer_resolution $res;",
+        http   => $http,
+        config => q{
+            add_header X-Status $llmlimit_status always;
+            location /tr { llmlimit tr; proxy_pass http://%%BACKEND%%; }
+        },
+    )->start;
+
+    my $c = $t->conn;
+    my $key = uid();
+
+    # replies 10 ms late at most, within even the 20 ms configured: a
+    # timer of 20 ms fires at the next tick, which may come sooner
+    my $pid = sleeper($rd, 2 * $SLOW, '0.01');
+    sleep 0.05;
+
+    my ($st, $x, $rem) = run($c, 'GET /tr', 40, 'X-Api-Key' => $key);
+    is($x, join(' ', ('PASSED') x 40), 'answered from Redis');
+    is($rem, join(' ', reverse 960 .. 999), 'with the counts of Redis');
+
+    waitpid($pid, 0);
+
+    is(redis_count($rd, 'tr:'), 40, 'Redis holds them');
+
+    my $log = $t->error_log;
+    is(count_re($log, qr/redis \S+ lost/), 0, 'no "lost" line') or diag($log);
+    like($log, qr/\[warn\].*zone "tr".*timer_resolution/,
+         'the warning is in error.log too');
+
+    $t->stop;
+    $rd->stop;
+}
+
 
 
 finish();
