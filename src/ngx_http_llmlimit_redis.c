@@ -28,9 +28,18 @@
  *
  * A slow reply costs the request that waited for it, not the connection:
  * when redis_timeout expires the request goes on by its failure policy
- * (counted in a warning, at most one line a second).  The connection is
- * lost only on an error, EOF, a reply of the wrong shape, or no reply at
- * all for 20 times redis_timeout (at least STALL).
+ * (counted in a warning, at most one line a second), and its call keeps it
+ * as "late".  The connection is lost only on an error, EOF, a reply of the
+ * wrong shape, or no reply at all for 20 times redis_timeout (at least
+ * STALL).  A late reply that says Redis counted the request is taken back
+ * if the request was not let through in the end, so that each store counts
+ * a request at most once.
+ *
+ * Taking back: when a later zone rejects a request that Redis counted (or
+ * a "closed" zone answers 503), refund entries for its counters join the
+ * open call, sent at the end of the turn as any other; the script applies
+ * them before the call's requests.  The replies carry Redis' time, with
+ * which a refund finds the window it counted in.
  */
 
 
@@ -68,17 +77,28 @@
 /* reads of one readiness notification before yielding to other events */
 #define NGX_HTTP_LLMLIMIT_REDIS_READS       64
 
-/* requests and counters of one call, at most; a request always fits */
+/*
+ * requests, counters and refund entries of one call, at most; a request
+ * and the refunds of a request always fit
+ */
 #define NGX_HTTP_LLMLIMIT_REDIS_BATCH       64
 #define NGX_HTTP_LLMLIMIT_REDIS_KEYS        256
+#define NGX_HTTP_LLMLIMIT_REDIS_REFUNDS     64
 
-#if (NGX_HTTP_LLMLIMIT_REDIS_KEYS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+#if (NGX_HTTP_LLMLIMIT_REDIS_KEYS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS          \
+     || NGX_HTTP_LLMLIMIT_REDIS_REFUNDS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
 #error "a call must hold the counters of a request"
 #endif
 
-/* EVALSHA sha numkeys key... m n... (algorithm period count)... */
+/*
+ * EVALSHA sha numkeys key... m n... f (algorithm period count time)...
+ * (algorithm period count)...
+ */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
-    (4 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 4 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+    (5 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 5 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+
+/* Redis' time in a reply, ms, below this */
+#define NGX_HTTP_LLMLIMIT_REDIS_TIME_MAX    (1LL << 50)
 
 /* what the warning line of the failed requests counts */
 #define NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT     0
@@ -143,19 +163,34 @@ typedef struct {
 } ngx_http_llmlimit_redis_counter_t;
 
 
-/* a request owed a reply; owned by its call until the call's reply */
+/*
+ * A request owed a reply; owned by its call until the call's reply.  While
+ * the request lives and nothing else decided for it, w->b is its batch
+ * (and b->data is w), w->cln its pool cleanup; w->r is the request while
+ * it waits, NULL once it timed out.  "refund": the request was not let
+ * through, what Redis counts for it is taken back.
+ */
 
 struct ngx_http_llmlimit_redis_wait_s {
     ngx_http_llmlimit_redis_t      *redis;
     ngx_http_request_t             *r;             /* NULL: nobody waits */
-    ngx_http_llmlimit_batch_t      *b;
+    ngx_http_llmlimit_batch_t      *b;             /* NULL: detached */
     ngx_pool_cleanup_t             *cln;
     ngx_event_t                     timer;
     ngx_queue_t                     queue;
     ngx_int_t                       rc;
     ngx_uint_t                      n;
+    unsigned                        refund:1;
     ngx_http_llmlimit_redis_counter_t  counters[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
 };
+
+
+/* a counter to take back, counted at Redis' time "time" */
+
+typedef struct {
+    ngx_http_llmlimit_redis_counter_t  counter;
+    int64_t                            time;
+} ngx_http_llmlimit_redis_refund_t;
 
 
 /*
@@ -166,20 +201,29 @@ struct ngx_http_llmlimit_redis_wait_s {
 struct ngx_http_llmlimit_redis_call_s {
     ngx_http_llmlimit_redis_t      *redis;
     ngx_uint_t                      nwaits;
-    ngx_uint_t                      nkeys;
+    ngx_uint_t                      nkeys;         /* of the requests */
+    ngx_uint_t                      nrefunds;
+    int64_t                         now;           /* Redis', from the reply */
     ngx_queue_t                     queue;
     unsigned                        eval:1;        /* resent with EVAL */
     ngx_http_llmlimit_redis_wait_t *waits[NGX_HTTP_LLMLIMIT_REDIS_BATCH];
+    ngx_http_llmlimit_redis_refund_t  refunds[NGX_HTTP_LLMLIMIT_REDIS_REFUNDS];
 };
 
 
 static ngx_int_t ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
-static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
+static void ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+static ngx_http_llmlimit_redis_refund_t *ngx_http_llmlimit_redis_refunds(
     ngx_http_llmlimit_redis_t *redis, ngx_uint_t n);
+static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
+    ngx_http_llmlimit_redis_t *redis, ngx_uint_t n, ngx_uint_t refunds);
 static void ngx_http_llmlimit_redis_flush(ngx_event_t *ev);
 static ngx_int_t ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call);
+static u_char *ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis,
+    u_char *p, ngx_http_llmlimit_redis_counter_t *c);
 static void ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     void *privdata);
 static ngx_int_t ngx_http_llmlimit_redis_result(
@@ -193,6 +237,7 @@ static void ngx_http_llmlimit_redis_slow(ngx_http_llmlimit_redis_t *redis,
     ngx_uint_t what);
 static void ngx_http_llmlimit_redis_warn(ngx_event_t *ev);
 static void ngx_http_llmlimit_redis_cleanup(void *data);
+static void ngx_http_llmlimit_redis_detach(ngx_http_llmlimit_redis_wait_t *w);
 static void ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w);
 
 static void ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis);
@@ -230,7 +275,8 @@ static void ngx_http_llmlimit_redis_free_connection(void *data);
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
-    ngx_http_llmlimit_redis_check
+    ngx_http_llmlimit_redis_check,
+    ngx_http_llmlimit_redis_refund
 };
 
 
@@ -292,7 +338,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    call = ngx_http_llmlimit_redis_call(redis, b->n);
+    call = ngx_http_llmlimit_redis_call(redis, b->n, 0);
     if (call == NULL) {
         return NGX_ERROR;
     }
@@ -323,6 +369,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     w->cln = cln;
     w->rc = NGX_ERROR;
     w->n = b->n;
+    w->refund = 0;
 
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
@@ -361,10 +408,99 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
 }
 
 
-/* the call that takes a request of n counters, opened if need be */
+/*
+ * The request is not let through after all: the local count (fallback) is
+ * taken back at once, the Redis count by refund entries in the open call,
+ * and a reply still owed after a timeout when it comes.
+ */
+
+static void
+ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    ngx_uint_t                          i;
+    ngx_http_llmlimit_redis_t          *redis;
+    ngx_http_llmlimit_counter_t        *c;
+    ngx_http_llmlimit_redis_wait_t     *w;
+    ngx_http_llmlimit_redis_refund_t   *rf;
+
+    redis = b->zone->redis;
+    w = b->data;
+
+    if (w != NULL) {
+        w->refund = 1;
+        ngx_http_llmlimit_redis_detach(w);
+    }
+
+    ngx_http_llmlimit_shm_store.refund(r, b);
+
+    if (!b->remote) {
+        return;
+    }
+
+    b->remote = 0;
+
+    rf = ngx_http_llmlimit_redis_refunds(redis, b->n);
+
+    if (rf == NULL) {
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "llmlimit redis: cannot take back a count");
+        return;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+
+        ngx_memcpy(rf[i].counter.hash, c->hash, 16);
+        rf[i].counter.period = c->period;
+        rf[i].counter.count = c->count;
+        rf[i].counter.algorithm = c->algorithm;
+        rf[i].time = b->time;
+    }
+}
+
+
+/*
+ * Room for n refund entries in the open call, which is sent at the end of
+ * this turn; NULL while Redis cannot be reached
+ */
+
+static ngx_http_llmlimit_redis_refund_t *
+ngx_http_llmlimit_redis_refunds(ngx_http_llmlimit_redis_t *redis,
+    ngx_uint_t n)
+{
+    ngx_http_llmlimit_redis_call_t  *call;
+
+    if (redis->pool == NULL || redis->ac == NULL || redis->exiting
+        || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN
+        || n == 0 || n > NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+    {
+        return NULL;
+    }
+
+    call = ngx_http_llmlimit_redis_call(redis, 0, n);
+    if (call == NULL) {
+        return NULL;
+    }
+
+    call->nrefunds += n;
+
+    if (!redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
+
+    return &call->refunds[call->nrefunds - n];
+}
+
+
+/*
+ * The call that takes a request of n counters, or refund entries, opened
+ * if need be
+ */
 
 static ngx_http_llmlimit_redis_call_t *
-ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n)
+ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n,
+    ngx_uint_t refunds)
 {
     ngx_queue_t                     *q;
     ngx_http_llmlimit_redis_call_t  *call;
@@ -373,8 +509,10 @@ ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n)
         q = ngx_queue_last(&redis->calls);
         call = ngx_queue_data(q, ngx_http_llmlimit_redis_call_t, queue);
 
-        if (call->nwaits < NGX_HTTP_LLMLIMIT_REDIS_BATCH
-            && call->nkeys + n <= NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+        if ((n == 0 || call->nwaits < NGX_HTTP_LLMLIMIT_REDIS_BATCH)
+            && call->nrefunds + refunds <= NGX_HTTP_LLMLIMIT_REDIS_REFUNDS
+            && call->nkeys + call->nrefunds + n + refunds
+               <= NGX_HTTP_LLMLIMIT_REDIS_KEYS)
         {
             return call;
         }
@@ -396,6 +534,8 @@ ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n)
 
     call->nwaits = 0;
     call->nkeys = 0;
+    call->nrefunds = 0;
+    call->now = 0;
     call->eval = 0;
 
     ngx_queue_insert_tail(&redis->calls, &call->queue);
@@ -419,20 +559,24 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
         ngx_queue_remove(q);
         call = ngx_queue_data(q, ngx_http_llmlimit_redis_call_t, queue);
 
-        if (call->nwaits == 0) {
+        if (call->nwaits == 0 && call->nrefunds == 0) {
             /* opened by a check that failed next */
             ngx_queue_insert_head(&redis->free_calls, &call->queue);
             continue;
         }
 
-        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
-                       "llmlimit redis call: %ui requests, %ui counters",
-                       call->nwaits, call->nkeys);
+        ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                       "llmlimit redis call: %ui requests, %ui counters, "
+                       "%ui refunds", call->nwaits, call->nkeys,
+                       call->nrefunds);
 
         if (redis->ac == NULL
             || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN)
         {
-            ngx_http_llmlimit_redis_fail(redis, "not connected");
+            if (!ngx_http_llmlimit_redis_quitting(redis)) {
+                ngx_http_llmlimit_redis_fail(redis, "not connected");
+            }
+
             ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
             continue;
         }
@@ -446,22 +590,25 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
 
 
 /*
- * EVALSHA sha numkeys key... m n... (algorithm period count)... or, after
- * NOSCRIPT, the same with EVAL and the script: m requests of n counters
- * each.  Keys are PREFIX{hex of the counter's hash}:PERIOD: one budget's
- * counters share a hash slot, and no identity appears in clear.
+ * EVALSHA sha numkeys key... m n... f (algorithm period count time)...
+ * (algorithm period count)... or, after NOSCRIPT, the same with EVAL and
+ * the script: f refund entries, then m requests of n counters each (keys
+ * in the same order).  Keys are PREFIX{hex of the counter's hash}:PERIOD:
+ * one budget's counters share a hash slot, and no identity appears in
+ * clear.
  */
 
 static ngx_int_t
 ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call)
 {
-    int                                 argc, k, a;
+    int                                 k, a;
     u_char                             *p, *start;
     size_t                             *argvlen;
     ngx_uint_t                          i, j;
     const char                        **argv;
     ngx_http_llmlimit_redis_wait_t     *w;
+    ngx_http_llmlimit_redis_refund_t   *rf;
     ngx_http_llmlimit_redis_counter_t  *c;
 
     argv = redis->argv;
@@ -482,38 +629,70 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     }
 
     start = p;
-    p = ngx_sprintf(p, "%ui", call->nkeys);
+    p = ngx_sprintf(p, "%ui", call->nrefunds + call->nkeys);
     argv[2] = (const char *) start;
     argvlen[2] = p - start;
 
-    /* keys from 3, then m, the n's, and the numbers of the counters */
+    /* keys from 3; then m, the n's, f, and the numbers */
 
     k = 3;
-    argc = 3 + call->nkeys;
+    a = 3 + call->nrefunds + call->nkeys;
 
     start = p;
     p = ngx_sprintf(p, "%ui", call->nwaits);
-    argv[argc] = (const char *) start;
-    argvlen[argc++] = p - start;
+    argv[a] = (const char *) start;
+    argvlen[a++] = p - start;
 
-    a = argc + call->nwaits;
+    for (j = 0; j < call->nwaits; j++) {
+        start = p;
+        p = ngx_sprintf(p, "%ui", call->waits[j]->n);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+    }
+
+    start = p;
+    p = ngx_sprintf(p, "%ui", call->nrefunds);
+    argv[a] = (const char *) start;
+    argvlen[a++] = p - start;
+
+    for (i = 0; i < call->nrefunds; i++) {
+        rf = &call->refunds[i];
+        c = &rf->counter;
+
+        start = p;
+        p = ngx_http_llmlimit_redis_key(redis, p, c);
+        argv[k] = (const char *) start;
+        argvlen[k++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%ui", c->algorithm);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%M", c->period);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%ui", c->count);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%L", rf->time);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+    }
 
     for (j = 0; j < call->nwaits; j++) {
         w = call->waits[j];
-
-        start = p;
-        p = ngx_sprintf(p, "%ui", w->n);
-        argv[argc] = (const char *) start;
-        argvlen[argc++] = p - start;
 
         for (i = 0; i < w->n; i++) {
             c = &w->counters[i];
 
             start = p;
-            p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
-            *p++ = '{';
-            p = ngx_hex_dump(p, c->hash, 16);
-            p = ngx_sprintf(p, "}:%M", c->period);
+            p = ngx_http_llmlimit_redis_key(redis, p, c);
             argv[k] = (const char *) start;
             argvlen[k++] = p - start;
 
@@ -545,6 +724,18 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
 }
 
 
+static u_char *
+ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis, u_char *p,
+    ngx_http_llmlimit_redis_counter_t *c)
+{
+    p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
+    *p++ = '{';
+    p = ngx_hex_dump(p, c->hash, 16);
+
+    return ngx_sprintf(p, "}:%M", c->period);
+}
+
+
 static void
 ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     void *privdata)
@@ -552,7 +743,6 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     ngx_http_llmlimit_redis_call_t *call = privdata;
 
     ngx_int_t                   rc;
-    ngx_uint_t                  i, waiting;
     redisReply                 *rp;
     ngx_http_llmlimit_redis_t  *redis;
 
@@ -576,20 +766,10 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
 
     redis->since = ngx_current_msec;
 
-    waiting = 0;
-
-    for (i = 0; i < call->nwaits; i++) {
-        if (call->waits[i]->r) {
-            waiting = 1;
-            break;
-        }
-    }
-
-    if (!waiting) {
-        /* late, or the requests are gone */
-        ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
-        return;
-    }
+    /*
+     * Late replies are read too: whether Redis counted a request that
+     * timed out decides whether it is taken back.
+     */
 
     if (rp->type == REDIS_REPLY_ERROR && !call->eval
         && rp->len >= 8 && ngx_strncmp(rp->str, "NOSCRIPT", 8) == 0)
@@ -614,16 +794,17 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
         ngx_http_llmlimit_redis_ok(redis);
     }
 
-    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
-                   "llmlimit redis reply: %i, %ui requests",
-                   rc, call->nwaits);
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis reply: %i, %ui requests, %ui refunds",
+                   rc, call->nwaits, call->nrefunds);
 
     ngx_http_llmlimit_redis_finish(redis, call, rc);
 }
 
 
 /*
- * validates the whole reply before it touches a counter; sets each
+ * validates the whole reply before it touches a counter: Redis' time,
+ * then each request's status and its counters' results; sets each
  * request's rc and, for those still waiting, their counters' results
  */
 
@@ -644,7 +825,7 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
     }
 
     if (reply->type != REDIS_REPLY_ARRAY
-        || reply->elements != call->nwaits + 4 * call->nkeys)
+        || reply->elements != 1 + call->nwaits + 4 * call->nkeys)
     {
         ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
         return NGX_ERROR;
@@ -659,9 +840,16 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         }
     }
 
+    if (e[0]->integer <= 0
+        || e[0]->integer >= NGX_HTTP_LLMLIMIT_REDIS_TIME_MAX)
+    {
+        ngx_http_llmlimit_redis_fail(redis, "reply out of range");
+        return NGX_ERROR;
+    }
+
     /* request k's results start at o: status, then 4 per counter */
 
-    for (k = 0, o = 0; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + 4 * w->n) {
         w = call->waits[k];
         rejected = 0;
 
@@ -691,7 +879,9 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         }
     }
 
-    for (k = 0, o = 0; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+    call->now = e[0]->integer;
+
+    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + 4 * w->n) {
         w = call->waits[k];
         w->rc = e[o]->integer ? NGX_BUSY : NGX_OK;
 
@@ -718,17 +908,23 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
  * result, or with NGX_ERROR if the call failed.  A resumed request may
  * finalize another of the call (its cleanup clears w->r) or start new
  * checks (new calls): w->r is read afresh for each.
+ *
+ * What Redis counted is noted in the batch of a request that still lives,
+ * so that a take-back finds it; the late reply of a request that was not
+ * let through is taken back at once.  The refund entries of the call need
+ * nothing more.
  */
 
 static void
 ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call, ngx_int_t rc)
 {
-    ngx_int_t                        wrc;
-    ngx_uint_t                       i;
-    ngx_http_request_t              *r;
-    ngx_http_llmlimit_batch_t       *b;
-    ngx_http_llmlimit_redis_wait_t  *w;
+    ngx_int_t                          wrc;
+    ngx_uint_t                         i, j;
+    ngx_http_request_t                *r;
+    ngx_http_llmlimit_batch_t         *b;
+    ngx_http_llmlimit_redis_wait_t    *w;
+    ngx_http_llmlimit_redis_refund_t  *rf;
 
     for (i = 0; i < call->nwaits; i++) {
         w = call->waits[i];
@@ -736,9 +932,30 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
         b = w->b;
         wrc = (rc == NGX_ERROR) ? NGX_ERROR : w->rc;
 
+        if (b != NULL && wrc == NGX_OK) {
+            b->remote = 1;
+            b->time = call->now;
+        }
+
+        if (b == NULL && w->refund && wrc == NGX_OK) {
+            rf = ngx_http_llmlimit_redis_refunds(redis, w->n);
+
+            if (rf == NULL) {
+                ngx_log_debug0(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                               "llmlimit redis: cannot take back a count");
+
+            } else {
+                for (j = 0; j < w->n; j++) {
+                    rf[j].counter = w->counters[j];
+                    rf[j].time = call->now;
+                }
+            }
+        }
+
         ngx_http_llmlimit_redis_release(w);
 
         if (r == NULL) {
+            /* timed out or gone: decided without this reply */
             continue;
         }
 
@@ -748,6 +965,7 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
 
     call->nwaits = 0;
     call->nkeys = 0;
+    call->nrefunds = 0;
 
     ngx_queue_insert_head(&redis->free_calls, &call->queue);
 }
@@ -755,7 +973,8 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
 
 /*
  * A request waited redis_timeout: it goes on by the zone's failure policy,
- * the connection stays as it is.
+ * the connection stays as it is.  The call still holds w: its late reply
+ * tells whether Redis counted the request.
  */
 
 static void
@@ -771,10 +990,7 @@ ngx_http_llmlimit_redis_timeout(ngx_event_t *ev)
     r = w->r;
     b = w->b;
 
-    /* the call still holds w: its late reply finds w->r == NULL */
-
     w->r = NULL;
-    w->cln->handler = NULL;
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "llmlimit redis timed out");
@@ -853,15 +1069,42 @@ ngx_http_llmlimit_redis_warn(ngx_event_t *ev)
 }
 
 
-/* the request is freed while a reply is owed */
+/*
+ * The request is freed while w is attached: while it waited, or after a
+ * timeout.  Unless it was let through, what Redis counts for it is taken
+ * back when the reply comes.
+ */
 
 static void
 ngx_http_llmlimit_redis_cleanup(void *data)
 {
     ngx_http_llmlimit_redis_wait_t *w = data;
 
+    if (w->r != NULL || w->b == NULL || !w->b->kept) {
+        w->refund = 1;
+    }
+
+    ngx_http_llmlimit_redis_detach(w);
+}
+
+
+/* w no longer refers to its request: the request goes on, or is gone */
+
+static void
+ngx_http_llmlimit_redis_detach(ngx_http_llmlimit_redis_wait_t *w)
+{
     if (w->timer.timer_set) {
         ngx_del_timer(&w->timer);
+    }
+
+    if (w->cln != NULL) {
+        w->cln->handler = NULL;
+        w->cln = NULL;
+    }
+
+    if (w->b != NULL) {
+        w->b->data = NULL;
+        w->b = NULL;
     }
 
     w->r = NULL;
@@ -877,17 +1120,9 @@ ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w)
 
     redis = w->redis;
 
-    if (w->r != NULL) {
-        w->cln->handler = NULL;
-        w->r = NULL;
-    }
+    ngx_http_llmlimit_redis_detach(w);
 
-    if (w->timer.timer_set) {
-        ngx_del_timer(&w->timer);
-    }
-
-    w->b = NULL;
-    w->cln = NULL;
+    w->refund = 0;
 
     ngx_queue_remove(&w->queue);
     ngx_queue_insert_head(&redis->free, &w->queue);
@@ -1816,11 +2051,14 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->argvlen = ngx_palloc(redis->pool,
                                 NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(size_t));
 
-    /* a key and three numbers per counter, a number per request, two */
+    /*
+     * a key and up to four numbers per counter or refund, a number per
+     * request, three
+     */
 
     size = NGX_HTTP_LLMLIMIT_REDIS_KEYS
-           * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 4 * NGX_INT64_LEN)
-           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 2) * NGX_INT64_LEN;
+           * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 5 * NGX_INT64_LEN)
+           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 3) * NGX_INT64_LEN;
 
     redis->buf = ngx_pnalloc(redis->pool, size);
 
@@ -1891,22 +2129,17 @@ ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
         ngx_http_llmlimit_redis_warn(&redis->warn);
     }
 
-    /* requests still waiting are not resumed any more, nor sent */
+    /*
+     * requests still waiting are not resumed any more, nor sent; no
+     * request refers to a wait any more
+     */
 
     for (q = ngx_queue_head(&redis->busy);
          q != ngx_queue_sentinel(&redis->busy);
          q = ngx_queue_next(q))
     {
         w = ngx_queue_data(q, ngx_http_llmlimit_redis_wait_t, queue);
-
-        if (w->r) {
-            w->cln->handler = NULL;
-            w->r = NULL;
-        }
-
-        if (w->timer.timer_set) {
-            ngx_del_timer(&w->timer);
-        }
+        ngx_http_llmlimit_redis_detach(w);
     }
 
     if (redis->ac) {

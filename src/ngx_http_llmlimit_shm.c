@@ -55,6 +55,10 @@ typedef struct {
 
 static ngx_int_t ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+static ngx_int_t ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+static void ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_shm_key(ngx_http_llmlimit_counter_t *c,
     uint64_t k[2]);
 static ngx_rbtree_node_t *ngx_http_llmlimit_shm_lookup(
@@ -75,7 +79,8 @@ static void ngx_http_llmlimit_rbtree_insert_value(ngx_rbtree_node_t *temp,
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_shm_store = {
-    ngx_http_llmlimit_shm_check
+    ngx_http_llmlimit_shm_store_check,
+    ngx_http_llmlimit_shm_store_refund
 };
 
 
@@ -223,6 +228,35 @@ ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+/* the store interface: what was counted here is known to be taken back */
+
+static ngx_int_t
+ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    ngx_int_t  rc;
+
+    rc = ngx_http_llmlimit_shm_check(r, b);
+
+    if (rc == NGX_OK) {
+        b->local = 1;
+    }
+
+    return rc;
+}
+
+
+static void
+ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    if (b->local) {
+        ngx_http_llmlimit_shm_refund(r, b);
+        b->local = 0;
+    }
 }
 
 

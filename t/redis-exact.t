@@ -1,6 +1,8 @@
 # Limits that hold exactly with Redis (issue 8): a slow reply costs the
-# request that waited for it, not the connection; redis_timeout below
-# timer_resolution is raised.
+# request that waited for it, not the connection; a request is counted at
+# most once in each store (a timeout, then the fallback); what earlier zones
+# counted is taken back when a later zone rejects or a "closed" zone answers
+# 503, Redis included; redis_timeout below timer_resolution is raised.
 
 use strict;
 use warnings;
@@ -108,6 +110,13 @@ sub sleeper {
 }
 
 
+sub evalsha_calls {
+    my ($rd) = @_;
+    my $s = $rd->cmd('INFO', 'commandstats');
+    return $s =~ /cmdstat_evalsha:calls=(\d+),/ ? $1 : 0;
+}
+
+
 my $SERVER = q{
     add_header X-Status $llmlimit_status always;
     location /l { llmlimit l; proxy_pass http://%%BACKEND%%; }
@@ -197,6 +206,163 @@ my $SERVER = q{
     my %uniq = map { ($_ => 1) } @sec;
     is(scalar(keys %uniq), scalar(@sec), 'at most one line a second')
         or diag($log);
+
+    $t->stop;
+    $rd->stop;
+}
+
+
+# ---------------------------------------------------------------------------
+# a request that timed out is counted at most once: its late reply is taken
+# back when the request was not admitted in the end (503 from "closed", or
+# rejected by a later zone)
+
+{
+    my $rd = LLMLimit::Redis->new;
+
+    my $t = LLMLimit::Test->new(
+        name   => 'timed out, counted once',
+        http   => zone('c', $rd->addr, 'closed') . zone('l', $rd->addr, 'local')
+                  . q{
+            llmlimit_rules c zone=c { "C"  GET  /c  $http_x_api_key  4/1h; }
+            llmlimit_rules l zone=l { "L"  GET  *   $http_x_api_key  5/1h; }
+
+            llmlimit_zone  b 1m;
+            llmlimit_rules b zone=b { "B"  GET  *   $http_x_org      1/1h; }
+        },
+        config => q{
+            add_header X-Status $llmlimit_status always;
+            location /c  { llmlimit c; proxy_pass http://%%BACKEND%%; }
+            location /lb {
+                llmlimit l; llmlimit b; proxy_pass http://%%BACKEND%%;
+            }
+        },
+    )->start;
+    my $c = $t->conn;
+
+    is(st($c, 'GET /c', 1, 'X-Api-Key' => uid()), '200', 'connected');
+    $rd->cmd('FLUSHALL');
+
+    # Redis asleep for 1.5 s: four requests time out (200 ms each)
+    my $blocker = $rd->send_only('DEBUG', 'SLEEP', 1.5 * $SLOW);
+    sleep 0.05;
+
+    my ($k1, $k2) = (uid(), uid());
+
+    is(st($c, 'GET /c', 2, 'X-Api-Key' => $k1), '503 503',
+       'closed: 503 while Redis sleeps');
+    is(st($c, 'GET /lb', 1, 'X-Api-Key' => $k2, 'X-Org' => 'o1'), '200',
+       'local: admitted from shared memory');
+    is(st($c, 'GET /lb', 1, 'X-Api-Key' => $k2, 'X-Org' => 'o1'), '429',
+       'rejected by the next zone');
+
+    $blocker->blocking(1);
+    LLMLimit::Redis::read_reply($blocker);
+    close $blocker;
+
+    # the EVALSHAs ran after the sleep and counted each request once
+    is(wait_count($rd, 'c:', 0), 0, 'closed: both 503 taken back in Redis');
+    is(wait_count($rd, 'l:', 1), 1,
+       'local: the admitted request kept, the rejected one taken back');
+
+    is_deeply([ run($c, 'GET /c', 5, 'X-Api-Key' => $k1) ],
+              [ '200 200 200 200 429', 'PASSED PASSED PASSED PASSED REJECTED',
+                '3 2 1 0 0' ],
+              'closed: the whole budget is left');
+    is(redis_count($rd, 'c:'), 4, 'Redis counted what was admitted');
+
+    my @st = map {
+        st($c, 'GET /lb', 1, 'X-Api-Key' => $k2, 'X-Org' => "n$_")
+    } 1 .. 5;
+    is("@st", '200 200 200 200 429', 'local: four more of five');
+    is(redis_count($rd, 'l:'), 5, 'Redis counted what was admitted');
+
+    my $log = $t->error_log;
+    is(count_re($log, qr/redis \S+ lost/), 0, 'no "lost" line') or diag($log);
+
+    $t->stop;
+    $rd->stop;
+}
+
+
+# ---------------------------------------------------------------------------
+# "closed" after a shared-memory table that counted: 503, and the shared
+# memory count taken back
+
+{
+    my $rd = LLMLimit::Redis->new;
+
+    my $t = LLMLimit::Test->new(
+        name   => 'closed after shm',
+        http   => zone('c', $rd->addr, 'closed') . q{
+            llmlimit_zone  s 1m;
+            llmlimit_rules s zone=s { "S"  GET  *  $http_x_api_key  5/1h; }
+            llmlimit_rules c zone=c { "C"  GET  *  $http_x_api_key  100/1h; }
+        },
+        config => q{
+            add_header X-Status $llmlimit_status always;
+            location /sc {
+                llmlimit s; llmlimit c; proxy_pass http://%%BACKEND%%;
+            }
+            location /s  { llmlimit s; proxy_pass http://%%BACKEND%%; }
+        },
+    )->start;
+    my $c = $t->conn;
+    my $key = uid();
+
+    is(st($c, 'GET /sc', 1, 'X-Api-Key' => $key), '200', 'Redis up: 200');
+
+    $rd->stop;
+
+    is(st($c, 'GET /sc', 3, 'X-Api-Key' => $key), '503 503 503',
+       'Redis down: 503');
+    is_deeply([ run($c, 'GET /s', 1, 'X-Api-Key' => $key) ],
+              [ '200', 'PASSED', '3' ],
+              'the shared-memory zone counted only the request that passed');
+
+    $t->stop;
+}
+
+
+# ---------------------------------------------------------------------------
+# a Redis table before a shared-memory table that rejects: the Redis count
+# is taken back; no extra round trip for admitted requests
+
+{
+    my $rd = LLMLimit::Redis->new;
+
+    my $t = LLMLimit::Test->new(
+        name   => 'redis then shm rejects',
+        http   => zone('ar', $rd->addr, 'local') . q{
+            llmlimit_rules ar zone=ar { "AR"  GET  *  $http_x_api_key  5/1h; }
+            llmlimit_zone  b 1m;
+            llmlimit_rules b zone=b   { "B"   GET  *  $http_x_org      1/1h; }
+        },
+        config => q{
+            add_header X-Status $llmlimit_status always;
+            location /ab {
+                llmlimit ar; llmlimit b; proxy_pass http://%%BACKEND%%;
+            }
+            location /a  { llmlimit ar; proxy_pass http://%%BACKEND%%; }
+        },
+    )->start;
+    my $c = $t->conn;
+    my $key = uid();
+
+    is(st($c, 'GET /ab', 1, 'X-Api-Key' => $key, 'X-Org' => 'acme'), '200',
+       'the first request of the organisation passes');
+    is(st($c, 'GET /ab', 6, 'X-Api-Key' => $key, 'X-Org' => 'acme'),
+       '429 429 429 429 429 429', 'the next six: the organisation\'s limit');
+
+    # the refunds of the six are sent after the 429s went out
+    is(wait_count($rd, 'ar:', 1), 1, 'Redis holds only what passed');
+
+    my $calls = evalsha_calls($rd);
+    is_deeply([ run($c, 'GET /a', 1, 'X-Api-Key' => $key) ],
+              [ '200', 'PASSED', '3' ],
+              'the per-key budget counts only what passed');
+    is(evalsha_calls($rd) - $calls, 1, 'one EVALSHA for an admitted request');
+    is(wait_count($rd, 'ar:', 2), 2, 'Redis holds 2');
 
     $t->stop;
     $rd->stop;

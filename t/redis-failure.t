@@ -309,18 +309,25 @@ sub count_re {
 # keep scripts
 
 {
-    my $good = "*5\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
+    # { Redis' time, status, rejected, remaining, reset, retry }
+    my $now = ":1795426400000\r\n";
+    my $good = "*6\r\n$now:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
     my @bad = (
         [ "+OK\r\n",                                     'unexpected reply' ],
         [ ":1\r\n",                                      'unexpected reply' ],
         [ "\$-1\r\n",                                    'unexpected reply' ],
-        [ "*1\r\n:0\r\n",                                'unexpected reply' ],
-        [ "*5\r\n:0\r\n\$1\r\n0\r\n:0\r\n:0\r\n:0\r\n",  'unexpected reply' ],
-        [ "*5\r\n:0\r\n:0\r\n:99\r\n:0\r\n:0\r\n",       'out of range' ],
-        [ "*5\r\n:0\r\n:0\r\n:2\r\n:-5\r\n:0\r\n",       'out of range' ],
-        [ "*5\r\n:0\r\n:2\r\n:0\r\n:0\r\n:0\r\n",        'out of range' ],
-        [ "*5\r\n:1\r\n:0\r\n:2\r\n:0\r\n:0\r\n",        'inconsistent' ],
-        [ "*5\r\n:0\r\n:1\r\n:0\r\n:5\r\n:5\r\n",        'inconsistent' ],
+        [ "*2\r\n$now:0\r\n",                             'unexpected reply' ],
+        [ "*5\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n",     'unexpected reply' ],
+        [ "*6\r\n$now:0\r\n\$1\r\n0\r\n:0\r\n:0\r\n:0\r\n", 'unexpected reply' ],
+        [ "*6\r\n\$13\r\n1795426400000\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n",
+                                                         'unexpected reply' ],
+        [ "*6\r\n:0\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n",  'out of range' ],
+        [ "*6\r\n:-7\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n", 'out of range' ],
+        [ "*6\r\n$now:0\r\n:0\r\n:99\r\n:0\r\n:0\r\n",      'out of range' ],
+        [ "*6\r\n$now:0\r\n:0\r\n:2\r\n:-5\r\n:0\r\n",      'out of range' ],
+        [ "*6\r\n$now:0\r\n:2\r\n:0\r\n:0\r\n:0\r\n",       'out of range' ],
+        [ "*6\r\n$now:1\r\n:0\r\n:2\r\n:0\r\n:0\r\n",       'inconsistent' ],
+        [ "*6\r\n$now:0\r\n:1\r\n:0\r\n:5\r\n:5\r\n",       'inconsistent' ],
         [ "-ERR boom\r\n",                               'ERR boom' ],
         [ "*-1\r\n",                                     'unexpected reply' ],
     );
@@ -565,7 +572,8 @@ sub count_re {
 
 {
     my $N = 3;
-    my $one = "*5\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
+    my $now = ":1795426400000\r\n";
+    my $one = "*6\r\n$now:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
     my $log_file = File::Temp::tempdir('llmlimit-fake-XXXXXX', TMPDIR => 1,
                                        CLEANUP => 1) . '/commands';
 
@@ -588,7 +596,7 @@ sub count_re {
         if ($cmd eq 'EVAL') {
             my $nkeys = $a->[2];
             my $m = $a->[3 + $nkeys];
-            my $r = '*' . ($m + 4 * $nkeys) . "\r\n";
+            my $r = '*' . (1 + $m + 4 * $nkeys) . "\r\n$now";
             for my $j (1 .. $m) {
                 my $n = $a->[3 + $nkeys + $j];
                 $r .= ":0\r\n" . (":0\r\n:2\r\n:1000\r\n:0\r\n" x $n);
