@@ -168,8 +168,8 @@ typedef void (*ngx_http_llmlimit_done_pt)(ngx_http_request_t *r,
  * The counters of one request in one zone, checked and counted
  * atomically: all are counted or none.  Where they were counted is kept
  * so that it can be taken back: "local" in the zone's shared memory (a
- * shared-memory zone, or the local fallback), "remote" in Redis, at the
- * store's time "time".
+ * shared-memory zone, the local fallback, or a Redis zone's shadow
+ * counters), "remote" in Redis, at the store's time "time".
  */
 struct ngx_http_llmlimit_batch_s {
     ngx_http_llmlimit_zone_t       *zone;
@@ -253,6 +253,8 @@ int64_t ngx_http_llmlimit_now(void);
 ngx_int_t ngx_http_llmlimit_shm_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 void ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+void ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 
 

@@ -40,6 +40,10 @@
  * open call, sent at the end of the turn as any other; the script applies
  * them before the call's requests.  The replies carry Redis' time, with
  * which a refund finds the window it counted in.
+ *
+ * With redis_failure=local, what Redis admitted is also counted in the
+ * zone's shared memory, unchecked (shadow counters): when Redis is lost,
+ * the local fallback goes on from this host's recent usage.
  */
 
 
@@ -409,9 +413,9 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
 
 
 /*
- * The request is not let through after all: the local count (fallback) is
- * taken back at once, the Redis count by refund entries in the open call,
- * and a reply still owed after a timeout when it comes.
+ * The request is not let through after all: the local count (fallback or
+ * shadow) is taken back at once, the Redis count by refund entries in the
+ * open call, and a reply still owed after a timeout when it comes.
  */
 
 static void
@@ -957,6 +961,14 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
         if (r == NULL) {
             /* timed out or gone: decided without this reply */
             continue;
+        }
+
+        if (wrc == NGX_OK
+            && redis->zone->failure == NGX_HTTP_LLMLIMIT_FAIL_LOCAL)
+        {
+            /* the shadow counters */
+            ngx_http_llmlimit_shm_charge(r, b);
+            b->local = 1;
         }
 
         b->rc = wrc;

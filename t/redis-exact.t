@@ -2,7 +2,8 @@
 # request that waited for it, not the connection; a request is counted at
 # most once in each store (a timeout, then the fallback); what earlier zones
 # counted is taken back when a later zone rejects or a "closed" zone answers
-# 503, Redis included; redis_timeout below timer_resolution is raised.
+# 503, Redis included; redis_failure=local goes on from shadow counters of
+# what Redis admitted; redis_timeout below timer_resolution is raised.
 
 use strict;
 use warnings;
@@ -326,7 +327,7 @@ my $SERVER = q{
 
 # ---------------------------------------------------------------------------
 # a Redis table before a shared-memory table that rejects: the Redis count
-# is taken back; no extra round trip for admitted requests
+# (and its shadow) is taken back; no extra round trip for admitted requests
 
 {
     my $rd = LLMLimit::Redis->new;
@@ -364,8 +365,48 @@ my $SERVER = q{
     is(evalsha_calls($rd) - $calls, 1, 'one EVALSHA for an admitted request');
     is(wait_count($rd, 'ar:', 2), 2, 'Redis holds 2');
 
-    $t->stop;
+    # the shadow counters hold the same: Redis gone, the outage goes on
+    # from 2
     $rd->stop;
+
+    is(st($c, 'GET /a', 4, 'X-Api-Key' => $key), '200 200 200 429',
+       'Redis gone: three more from the shadow counters');
+
+    $t->stop;
+}
+
+
+# ---------------------------------------------------------------------------
+# redis_failure=local goes on from what Redis admitted on this host
+
+{
+    my $rd = LLMLimit::Redis->new;
+
+    my $t = LLMLimit::Test->new(
+        name   => 'shadow counters',
+        http   => zone('l', $rd->addr, 'local') . zone('o', $rd->addr, 'open')
+                  . q{
+            llmlimit_rules l zone=l { "L"  GET  /l  $http_x_api_key  10/1h; }
+            llmlimit_rules o zone=o { "O"  GET  /o  $http_x_api_key  10/1h; }
+        },
+        config => $SERVER,
+    )->start;
+    my $c = $t->conn;
+    my $key = uid();
+
+    is_deeply([ run($c, 'GET /l', 8, 'X-Api-Key' => $key) ],
+              [ join(' ', ('200') x 8), join(' ', ('PASSED') x 8),
+                '9 8 7 6 5 4 3 2' ], 'eight through Redis');
+
+    $rd->stop;
+
+    is_deeply([ run($c, 'GET /l', 3, 'X-Api-Key' => $key) ],
+              [ '200 200 429', 'PASSED PASSED REJECTED', '1 0 0' ],
+              'Redis stopped: two more from the shadow counters');
+
+    like($t->error_log, qr/zone "l": redis \S+ lost/, 'lost is logged');
+
+    $t->stop;
 }
 
 
@@ -429,7 +470,6 @@ my $SERVER = q{
     $t->stop;
     $rd->stop;
 }
-
 
 
 finish();
