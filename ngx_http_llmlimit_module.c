@@ -39,6 +39,8 @@ static ngx_int_t ngx_http_llmlimit_classify(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
 static ngx_int_t ngx_http_llmlimit_run(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+static void ngx_http_llmlimit_take_back(ngx_http_request_t *r,
+    ngx_http_llmlimit_ctx_t *ctx);
 static ngx_int_t ngx_http_llmlimit_decide(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
 static void ngx_http_llmlimit_log_rejection(ngx_http_request_t *r,
@@ -78,6 +80,7 @@ static char *ngx_http_llmlimit_log_limit(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_llmlimit_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_llmlimit_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_llmlimit_init_process(ngx_cycle_t *cycle);
 static void ngx_http_llmlimit_exit_process(ngx_cycle_t *cycle);
 
@@ -198,7 +201,7 @@ ngx_module_t  ngx_http_llmlimit_module = {
     ngx_http_llmlimit_commands,            /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
+    ngx_http_llmlimit_init_module,         /* init module */
     ngx_http_llmlimit_init_process,        /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
@@ -296,6 +299,8 @@ ngx_http_llmlimit_handler(ngx_http_request_t *r)
         if (ctx == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
+
+        ctx->request = r;
 
         cln->handler = ngx_http_llmlimit_cleanup;
         cln->data = ctx;
@@ -499,7 +504,12 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
 }
 
 
-/* checks the batches one by one; NGX_AGAIN while a store is answering */
+/*
+ * Checks the batches one by one; NGX_AGAIN while a store is answering.
+ * A request is counted in every zone or in none: when a zone rejects it,
+ * or a "closed" zone answers 503, what the zones before counted is taken
+ * back, each in the store that counted it.
+ */
 
 static ngx_int_t
 ngx_http_llmlimit_run(ngx_http_request_t *r,
@@ -520,19 +530,12 @@ ngx_http_llmlimit_run(ngx_http_request_t *r,
         }
 
         if (b->rc == NGX_DECLINED) {
+            b->rc = NGX_AGAIN;
+            rc = zone->store->check(r, b);
 
-            if (zone->redis) {
-                b->rc = NGX_AGAIN;
-                rc = ngx_http_llmlimit_redis_store.check(r, b);
-
-                if (rc == NGX_AGAIN) {
-                    ctx->waiting = 1;
-                    return NGX_AGAIN;
-                }
-
-            } else {
-                rc = ngx_http_llmlimit_shm_store.check(r, b);
-                b->local = 1;
+            if (rc == NGX_AGAIN) {
+                ctx->waiting = 1;
+                return NGX_AGAIN;
             }
 
             b->rc = rc;
@@ -543,43 +546,64 @@ ngx_http_llmlimit_run(ngx_http_request_t *r,
             switch (zone->failure) {
 
             case NGX_HTTP_LLMLIMIT_FAIL_OPEN:
+                /* passes uncounted; the batch reports nothing */
                 ctx->status = NGX_HTTP_LLMLIMIT_ERROR;
-                b->n = 0;
                 break;
 
             case NGX_HTTP_LLMLIMIT_FAIL_CLOSED:
                 ctx->status = NGX_HTTP_LLMLIMIT_ERROR;
-                b->n = 0;
+                ctx->nbatches = ctx->batch + 1;
+                ngx_http_llmlimit_take_back(r, ctx);
                 return NGX_HTTP_SERVICE_UNAVAILABLE;
 
             default: /* NGX_HTTP_LLMLIMIT_FAIL_LOCAL */
                 b->rc = ngx_http_llmlimit_shm_store.check(r, b);
-                b->local = 1;
                 break;
             }
         }
 
         if (b->rc == NGX_BUSY) {
 
-            /*
-             * the batches after it are not counted, those before it are
-             * taken back where they were counted in shared memory
-             */
-
-            for (i = 0; i < ctx->batch; i++) {
-                if (ctx->batches[i].rc == NGX_OK && ctx->batches[i].local) {
-                    ngx_http_llmlimit_shm_refund(r, &ctx->batches[i]);
-                }
-            }
+            /* the batches after it are not counted */
 
             ctx->nbatches = ctx->batch + 1;
-            break;
+            ngx_http_llmlimit_take_back(r, ctx);
+            return NGX_OK;
         }
 
         ctx->batch++;
     }
 
+    /* let through: the late replies of timed out stores keep their counts */
+
+    for (i = 0; i < ctx->nbatches; i++) {
+        ctx->batches[i].kept = 1;
+    }
+
     return NGX_OK;
+}
+
+
+/*
+ * The request is not let through: every batch checked takes back what it
+ * counted, the one that rejected included (a Redis count that timed out
+ * may still arrive for it).
+ */
+
+static void
+ngx_http_llmlimit_take_back(ngx_http_request_t *r,
+    ngx_http_llmlimit_ctx_t *ctx)
+{
+    ngx_uint_t                  i;
+    ngx_http_llmlimit_batch_t  *b;
+
+    for (i = 0; i < ctx->nbatches; i++) {
+        b = &ctx->batches[i];
+
+        if (b->rc != NGX_DECLINED) {
+            b->zone->store->refund(r, b);
+        }
+    }
 }
 
 
@@ -621,6 +645,11 @@ ngx_http_llmlimit_decide(ngx_http_request_t *r,
 
     for (i = 0; i < ctx->nbatches; i++) {
         b = &ctx->batches[i];
+
+        if (b->rc == NGX_ERROR) {
+            /* redis_failure=open: no results */
+            continue;
+        }
 
         for (j = 0; j < b->n; j++) {
             c = &b->counters[j];
@@ -806,10 +835,22 @@ ngx_http_llmlimit_get_ctx(ngx_http_request_t *r)
 }
 
 
+/*
+ * The request is freed.  The pool cleanup is also the marker that finds
+ * the context again after a redirect.  A request freed while its check
+ * was under way (the client went away, worker_shutdown_timeout) was never
+ * let through: what it counted is taken back.
+ */
+
 static void
 ngx_http_llmlimit_cleanup(void *data)
 {
-    /* only a marker to find the context again */
+    ngx_http_llmlimit_ctx_t *ctx = data;
+
+    if (!ctx->decided && ctx->nbatches) {
+        ctx->decided = 1;
+        ngx_http_llmlimit_take_back(ctx->request, ctx);
+    }
 }
 
 
@@ -1170,6 +1211,9 @@ ngx_http_llmlimit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     if (rv != NGX_CONF_OK) {
         return rv;
     }
+
+    zone->store = zone->redis ? &ngx_http_llmlimit_redis_store
+                              : &ngx_http_llmlimit_shm_store;
 
     zone->shm_zone = ngx_shared_memory_add(cf, &value[1], size,
                                            &ngx_http_llmlimit_module);
@@ -1658,6 +1702,38 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;
     ngx_http_top_header_filter = ngx_http_llmlimit_header_filter;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Once the whole configuration is read (timer_resolution may come after
+ * the http block), in the master process and with "nginx -t".
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_init_module(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                       i;
+    ngx_http_llmlimit_zone_decl_t  **zones;
+    ngx_http_llmlimit_main_conf_t   *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_llmlimit_module);
+    if (lmcf == NULL) {
+        return NGX_OK;
+    }
+
+    zones = lmcf->zones.elts;
+
+    for (i = 0; i < lmcf->zones.nelts; i++) {
+        if (zones[i]->zone.redis
+            && ngx_http_llmlimit_redis_init_module(cycle, &zones[i]->zone)
+               != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
 
     return NGX_OK;
 }

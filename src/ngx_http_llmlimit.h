@@ -42,6 +42,7 @@
 
 
 typedef struct ngx_http_llmlimit_redis_s  ngx_http_llmlimit_redis_t;
+typedef struct ngx_http_llmlimit_store_s  ngx_http_llmlimit_store_t;
 
 
 /* one COUNT/PERIOD */
@@ -102,6 +103,7 @@ typedef struct {
     ngx_shm_zone_t                 *shm_zone;
     ngx_http_llmlimit_shctx_t      *sh;
     ngx_slab_pool_t                *shpool;
+    ngx_http_llmlimit_store_t      *store;         /* where it counts */
     ngx_http_llmlimit_redis_t      *redis;         /* NULL: shm only */
     ngx_uint_t                      failure;       /* redis_failure= */
 } ngx_http_llmlimit_zone_t;
@@ -164,30 +166,47 @@ typedef void (*ngx_http_llmlimit_done_pt)(ngx_http_request_t *r,
 
 /*
  * The counters of one request in one zone, checked and counted
- * atomically: all are counted or none.
+ * atomically: all are counted or none.  Where they were counted is kept
+ * so that it can be taken back: "local" in the zone's shared memory (a
+ * shared-memory zone, the local fallback, or a Redis zone's shadow
+ * counters), "remote" in Redis, at the store's time "time".
  */
 struct ngx_http_llmlimit_batch_s {
     ngx_http_llmlimit_zone_t       *zone;
     ngx_http_llmlimit_counter_t    *counters;
     ngx_uint_t                      n;
     ngx_int_t                       rc;            /* NGX_OK, NGX_BUSY, ... */
-    ngx_uint_t                      local;         /* counted in shm */
     ngx_http_llmlimit_done_pt       done;          /* async completion */
-    void                           *data;          /* store's own */
+    void                           *data;          /* store's own; NULL:
+                                                      nothing owed */
+    int64_t                         time;          /* of the remote count */
+    unsigned                        local:1;       /* counted in shm */
+    unsigned                        remote:1;      /* counted in Redis */
+    unsigned                        kept:1;        /* the request passed */
 };
 
 
 /*
- * The store interface.  check() returns
+ * The store interface, one table per kind of store; a zone points at its
+ * own, chosen at configuration.
+ *
+ * check() returns
  *   NGX_OK     all counters passed and were counted (results filled);
  *   NGX_BUSY   some counter is over its limit, none counted (results filled);
  *   NGX_AGAIN  b->done(r, b) will be called later with b->rc set to one of
  *              NGX_OK, NGX_BUSY or NGX_ERROR;
  *   NGX_ERROR  the store cannot answer: the zone's failure policy applies.
+ *
+ * refund() takes back what a checked batch counted, for a request that is
+ * not let through after all (a later zone rejected it, a "closed" zone
+ * answered 503, or it was freed before a decision); a count the store may
+ * still make (a reply owed after a timeout) is taken back when it is
+ * known.  Calling it again does nothing.
  */
-typedef struct {
+struct ngx_http_llmlimit_store_s {
     ngx_int_t (*check)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
-} ngx_http_llmlimit_store_t;
+    void      (*refund)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
+};
 
 
 extern ngx_module_t                     ngx_http_llmlimit_module;
@@ -235,12 +254,16 @@ ngx_int_t ngx_http_llmlimit_shm_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 void ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+void ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
 
 
 /* src/ngx_http_llmlimit_redis.c */
 char *ngx_http_llmlimit_redis_option(ngx_conf_t *cf,
     ngx_http_llmlimit_zone_t *zone, ngx_str_t *value);
 char *ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone);
+ngx_int_t ngx_http_llmlimit_redis_init_module(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
 ngx_int_t ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
@@ -268,6 +291,7 @@ typedef struct {
 
 
 typedef struct {
+    ngx_http_request_t             *request;
     ngx_uint_t                      status;        /* $llmlimit_status */
     ngx_uint_t                      waiting;       /* on a store */
     ngx_uint_t                      decided;

@@ -25,6 +25,25 @@
  * while CONNECTING only if Redis was not known to be lost (the first
  * connection of a worker), otherwise they fail at once and the zone's
  * failure policy decides.
+ *
+ * A slow reply costs the request that waited for it, not the connection:
+ * when redis_timeout expires the request goes on by its failure policy
+ * (counted in a warning, at most one line a second), and its call keeps it
+ * as "late".  The connection is lost only on an error, EOF, a reply of the
+ * wrong shape, or no reply at all for 20 times redis_timeout (at least
+ * STALL).  A late reply that says Redis counted the request is taken back
+ * if the request was not let through in the end, so that each store counts
+ * a request at most once.
+ *
+ * Taking back: when a later zone rejects a request that Redis counted (or
+ * a "closed" zone answers 503), refund entries for its counters join the
+ * open call, sent at the end of the turn as any other; the script applies
+ * them before the call's requests.  The replies carry Redis' time, with
+ * which a refund finds the window it counted in.
+ *
+ * With redis_failure=local, what Redis admitted is also counted in the
+ * zone's shared memory, unchecked (shadow counters): when Redis is lost,
+ * the local fallback goes on from this host's recent usage.
  */
 
 
@@ -62,17 +81,32 @@
 /* reads of one readiness notification before yielding to other events */
 #define NGX_HTTP_LLMLIMIT_REDIS_READS       64
 
-/* requests and counters of one call, at most; a request always fits */
+/*
+ * requests, counters and refund entries of one call, at most; a request
+ * and the refunds of a request always fit
+ */
 #define NGX_HTTP_LLMLIMIT_REDIS_BATCH       64
 #define NGX_HTTP_LLMLIMIT_REDIS_KEYS        256
+#define NGX_HTTP_LLMLIMIT_REDIS_REFUNDS     64
 
-#if (NGX_HTTP_LLMLIMIT_REDIS_KEYS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+#if (NGX_HTTP_LLMLIMIT_REDIS_KEYS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS          \
+     || NGX_HTTP_LLMLIMIT_REDIS_REFUNDS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
 #error "a call must hold the counters of a request"
 #endif
 
-/* EVALSHA sha numkeys key... m n... (algorithm period count)... */
+/*
+ * EVALSHA sha numkeys key... m n... f (algorithm period count time)...
+ * (algorithm period count)...
+ */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
-    (4 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 4 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+    (5 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 5 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+
+/* Redis' time in a reply, ms, below this */
+#define NGX_HTTP_LLMLIMIT_REDIS_TIME_MAX    (1LL << 50)
+
+/* what the warning line of the failed requests counts */
+#define NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT     0
+#define NGX_HTTP_LLMLIMIT_REDIS_OVERFLOW    1
 
 
 typedef struct ngx_http_llmlimit_redis_wait_s  ngx_http_llmlimit_redis_wait_t;
@@ -108,6 +142,10 @@ struct ngx_http_llmlimit_redis_s {
     ngx_queue_t                     free_calls;
     ngx_event_t                     flush;         /* sends the calls */
 
+    ngx_event_t                     warn;          /* one line a second */
+    ngx_uint_t                      timeouts;      /* since the last line */
+    ngx_uint_t                      overflows;
+
     const char                    **argv;
     size_t                         *argvlen;
     u_char                         *buf;
@@ -129,19 +167,34 @@ typedef struct {
 } ngx_http_llmlimit_redis_counter_t;
 
 
-/* a request owed a reply; owned by its call until the call's reply */
+/*
+ * A request owed a reply; owned by its call until the call's reply.  While
+ * the request lives and nothing else decided for it, w->b is its batch
+ * (and b->data is w), w->cln its pool cleanup; w->r is the request while
+ * it waits, NULL once it timed out.  "refund": the request was not let
+ * through, what Redis counts for it is taken back.
+ */
 
 struct ngx_http_llmlimit_redis_wait_s {
     ngx_http_llmlimit_redis_t      *redis;
     ngx_http_request_t             *r;             /* NULL: nobody waits */
-    ngx_http_llmlimit_batch_t      *b;
+    ngx_http_llmlimit_batch_t      *b;             /* NULL: detached */
     ngx_pool_cleanup_t             *cln;
     ngx_event_t                     timer;
     ngx_queue_t                     queue;
     ngx_int_t                       rc;
     ngx_uint_t                      n;
+    unsigned                        refund:1;
     ngx_http_llmlimit_redis_counter_t  counters[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
 };
+
+
+/* a counter to take back, counted at Redis' time "time" */
+
+typedef struct {
+    ngx_http_llmlimit_redis_counter_t  counter;
+    int64_t                            time;
+} ngx_http_llmlimit_redis_refund_t;
 
 
 /*
@@ -152,20 +205,29 @@ struct ngx_http_llmlimit_redis_wait_s {
 struct ngx_http_llmlimit_redis_call_s {
     ngx_http_llmlimit_redis_t      *redis;
     ngx_uint_t                      nwaits;
-    ngx_uint_t                      nkeys;
+    ngx_uint_t                      nkeys;         /* of the requests */
+    ngx_uint_t                      nrefunds;
+    int64_t                         now;           /* Redis', from the reply */
     ngx_queue_t                     queue;
     unsigned                        eval:1;        /* resent with EVAL */
     ngx_http_llmlimit_redis_wait_t *waits[NGX_HTTP_LLMLIMIT_REDIS_BATCH];
+    ngx_http_llmlimit_redis_refund_t  refunds[NGX_HTTP_LLMLIMIT_REDIS_REFUNDS];
 };
 
 
 static ngx_int_t ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
-static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
+static void ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+static ngx_http_llmlimit_redis_refund_t *ngx_http_llmlimit_redis_refunds(
     ngx_http_llmlimit_redis_t *redis, ngx_uint_t n);
+static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
+    ngx_http_llmlimit_redis_t *redis, ngx_uint_t n, ngx_uint_t refunds);
 static void ngx_http_llmlimit_redis_flush(ngx_event_t *ev);
 static ngx_int_t ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call);
+static u_char *ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis,
+    u_char *p, ngx_http_llmlimit_redis_counter_t *c);
 static void ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     void *privdata);
 static ngx_int_t ngx_http_llmlimit_redis_result(
@@ -174,7 +236,12 @@ static ngx_int_t ngx_http_llmlimit_redis_result(
 static void ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call, ngx_int_t rc);
 static void ngx_http_llmlimit_redis_timeout(ngx_event_t *ev);
+static void ngx_http_llmlimit_redis_stalled(ngx_http_llmlimit_redis_t *redis);
+static void ngx_http_llmlimit_redis_slow(ngx_http_llmlimit_redis_t *redis,
+    ngx_uint_t what);
+static void ngx_http_llmlimit_redis_warn(ngx_event_t *ev);
 static void ngx_http_llmlimit_redis_cleanup(void *data);
+static void ngx_http_llmlimit_redis_detach(ngx_http_llmlimit_redis_wait_t *w);
 static void ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w);
 
 static void ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis);
@@ -212,7 +279,13 @@ static void ngx_http_llmlimit_redis_free_connection(void *data);
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
-    ngx_http_llmlimit_redis_check
+    ngx_http_llmlimit_redis_check,
+    ngx_http_llmlimit_redis_refund
+};
+
+
+static char  *ngx_http_llmlimit_redis_policies[] = {
+    "local", "open", "closed"
 };
 
 
@@ -263,11 +336,13 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     }
 
     if (redis->pending >= NGX_HTTP_LLMLIMIT_REDIS_PENDING) {
-        ngx_http_llmlimit_redis_fail(redis, "too many requests waiting");
+        /* Redis is slow: this request, not the connection, pays for it */
+        ngx_http_llmlimit_redis_slow(redis, NGX_HTTP_LLMLIMIT_REDIS_OVERFLOW);
+        ngx_http_llmlimit_redis_stalled(redis);
         return NGX_ERROR;
     }
 
-    call = ngx_http_llmlimit_redis_call(redis, b->n);
+    call = ngx_http_llmlimit_redis_call(redis, b->n, 0);
     if (call == NULL) {
         return NGX_ERROR;
     }
@@ -298,6 +373,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     w->cln = cln;
     w->rc = NGX_ERROR;
     w->n = b->n;
+    w->refund = 0;
 
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
@@ -336,10 +412,99 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
 }
 
 
-/* the call that takes a request of n counters, opened if need be */
+/*
+ * The request is not let through after all: the local count (fallback or
+ * shadow) is taken back at once, the Redis count by refund entries in the
+ * open call, and a reply still owed after a timeout when it comes.
+ */
+
+static void
+ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    ngx_uint_t                          i;
+    ngx_http_llmlimit_redis_t          *redis;
+    ngx_http_llmlimit_counter_t        *c;
+    ngx_http_llmlimit_redis_wait_t     *w;
+    ngx_http_llmlimit_redis_refund_t   *rf;
+
+    redis = b->zone->redis;
+    w = b->data;
+
+    if (w != NULL) {
+        w->refund = 1;
+        ngx_http_llmlimit_redis_detach(w);
+    }
+
+    ngx_http_llmlimit_shm_store.refund(r, b);
+
+    if (!b->remote) {
+        return;
+    }
+
+    b->remote = 0;
+
+    rf = ngx_http_llmlimit_redis_refunds(redis, b->n);
+
+    if (rf == NULL) {
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "llmlimit redis: cannot take back a count");
+        return;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+
+        ngx_memcpy(rf[i].counter.hash, c->hash, 16);
+        rf[i].counter.period = c->period;
+        rf[i].counter.count = c->count;
+        rf[i].counter.algorithm = c->algorithm;
+        rf[i].time = b->time;
+    }
+}
+
+
+/*
+ * Room for n refund entries in the open call, which is sent at the end of
+ * this turn; NULL while Redis cannot be reached
+ */
+
+static ngx_http_llmlimit_redis_refund_t *
+ngx_http_llmlimit_redis_refunds(ngx_http_llmlimit_redis_t *redis,
+    ngx_uint_t n)
+{
+    ngx_http_llmlimit_redis_call_t  *call;
+
+    if (redis->pool == NULL || redis->ac == NULL || redis->exiting
+        || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN
+        || n == 0 || n > NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+    {
+        return NULL;
+    }
+
+    call = ngx_http_llmlimit_redis_call(redis, 0, n);
+    if (call == NULL) {
+        return NULL;
+    }
+
+    call->nrefunds += n;
+
+    if (!redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
+
+    return &call->refunds[call->nrefunds - n];
+}
+
+
+/*
+ * The call that takes a request of n counters, or refund entries, opened
+ * if need be
+ */
 
 static ngx_http_llmlimit_redis_call_t *
-ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n)
+ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n,
+    ngx_uint_t refunds)
 {
     ngx_queue_t                     *q;
     ngx_http_llmlimit_redis_call_t  *call;
@@ -348,8 +513,10 @@ ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n)
         q = ngx_queue_last(&redis->calls);
         call = ngx_queue_data(q, ngx_http_llmlimit_redis_call_t, queue);
 
-        if (call->nwaits < NGX_HTTP_LLMLIMIT_REDIS_BATCH
-            && call->nkeys + n <= NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+        if ((n == 0 || call->nwaits < NGX_HTTP_LLMLIMIT_REDIS_BATCH)
+            && call->nrefunds + refunds <= NGX_HTTP_LLMLIMIT_REDIS_REFUNDS
+            && call->nkeys + call->nrefunds + n + refunds
+               <= NGX_HTTP_LLMLIMIT_REDIS_KEYS)
         {
             return call;
         }
@@ -371,6 +538,8 @@ ngx_http_llmlimit_redis_call(ngx_http_llmlimit_redis_t *redis, ngx_uint_t n)
 
     call->nwaits = 0;
     call->nkeys = 0;
+    call->nrefunds = 0;
+    call->now = 0;
     call->eval = 0;
 
     ngx_queue_insert_tail(&redis->calls, &call->queue);
@@ -394,20 +563,24 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
         ngx_queue_remove(q);
         call = ngx_queue_data(q, ngx_http_llmlimit_redis_call_t, queue);
 
-        if (call->nwaits == 0) {
+        if (call->nwaits == 0 && call->nrefunds == 0) {
             /* opened by a check that failed next */
             ngx_queue_insert_head(&redis->free_calls, &call->queue);
             continue;
         }
 
-        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
-                       "llmlimit redis call: %ui requests, %ui counters",
-                       call->nwaits, call->nkeys);
+        ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                       "llmlimit redis call: %ui requests, %ui counters, "
+                       "%ui refunds", call->nwaits, call->nkeys,
+                       call->nrefunds);
 
         if (redis->ac == NULL
             || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN)
         {
-            ngx_http_llmlimit_redis_fail(redis, "not connected");
+            if (!ngx_http_llmlimit_redis_quitting(redis)) {
+                ngx_http_llmlimit_redis_fail(redis, "not connected");
+            }
+
             ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
             continue;
         }
@@ -421,22 +594,25 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
 
 
 /*
- * EVALSHA sha numkeys key... m n... (algorithm period count)... or, after
- * NOSCRIPT, the same with EVAL and the script: m requests of n counters
- * each.  Keys are PREFIX{hex of the counter's hash}:PERIOD: one budget's
- * counters share a hash slot, and no identity appears in clear.
+ * EVALSHA sha numkeys key... m n... f (algorithm period count time)...
+ * (algorithm period count)... or, after NOSCRIPT, the same with EVAL and
+ * the script: f refund entries, then m requests of n counters each (keys
+ * in the same order).  Keys are PREFIX{hex of the counter's hash}:PERIOD:
+ * one budget's counters share a hash slot, and no identity appears in
+ * clear.
  */
 
 static ngx_int_t
 ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call)
 {
-    int                                 argc, k, a;
+    int                                 k, a;
     u_char                             *p, *start;
     size_t                             *argvlen;
     ngx_uint_t                          i, j;
     const char                        **argv;
     ngx_http_llmlimit_redis_wait_t     *w;
+    ngx_http_llmlimit_redis_refund_t   *rf;
     ngx_http_llmlimit_redis_counter_t  *c;
 
     argv = redis->argv;
@@ -457,38 +633,70 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     }
 
     start = p;
-    p = ngx_sprintf(p, "%ui", call->nkeys);
+    p = ngx_sprintf(p, "%ui", call->nrefunds + call->nkeys);
     argv[2] = (const char *) start;
     argvlen[2] = p - start;
 
-    /* keys from 3, then m, the n's, and the numbers of the counters */
+    /* keys from 3; then m, the n's, f, and the numbers */
 
     k = 3;
-    argc = 3 + call->nkeys;
+    a = 3 + call->nrefunds + call->nkeys;
 
     start = p;
     p = ngx_sprintf(p, "%ui", call->nwaits);
-    argv[argc] = (const char *) start;
-    argvlen[argc++] = p - start;
+    argv[a] = (const char *) start;
+    argvlen[a++] = p - start;
 
-    a = argc + call->nwaits;
+    for (j = 0; j < call->nwaits; j++) {
+        start = p;
+        p = ngx_sprintf(p, "%ui", call->waits[j]->n);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+    }
+
+    start = p;
+    p = ngx_sprintf(p, "%ui", call->nrefunds);
+    argv[a] = (const char *) start;
+    argvlen[a++] = p - start;
+
+    for (i = 0; i < call->nrefunds; i++) {
+        rf = &call->refunds[i];
+        c = &rf->counter;
+
+        start = p;
+        p = ngx_http_llmlimit_redis_key(redis, p, c);
+        argv[k] = (const char *) start;
+        argvlen[k++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%ui", c->algorithm);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%M", c->period);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%ui", c->count);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%L", rf->time);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
+    }
 
     for (j = 0; j < call->nwaits; j++) {
         w = call->waits[j];
-
-        start = p;
-        p = ngx_sprintf(p, "%ui", w->n);
-        argv[argc] = (const char *) start;
-        argvlen[argc++] = p - start;
 
         for (i = 0; i < w->n; i++) {
             c = &w->counters[i];
 
             start = p;
-            p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
-            *p++ = '{';
-            p = ngx_hex_dump(p, c->hash, 16);
-            p = ngx_sprintf(p, "}:%M", c->period);
+            p = ngx_http_llmlimit_redis_key(redis, p, c);
             argv[k] = (const char *) start;
             argvlen[k++] = p - start;
 
@@ -520,6 +728,18 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
 }
 
 
+static u_char *
+ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis, u_char *p,
+    ngx_http_llmlimit_redis_counter_t *c)
+{
+    p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
+    *p++ = '{';
+    p = ngx_hex_dump(p, c->hash, 16);
+
+    return ngx_sprintf(p, "}:%M", c->period);
+}
+
+
 static void
 ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     void *privdata)
@@ -527,7 +747,6 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     ngx_http_llmlimit_redis_call_t *call = privdata;
 
     ngx_int_t                   rc;
-    ngx_uint_t                  i, waiting;
     redisReply                 *rp;
     ngx_http_llmlimit_redis_t  *redis;
 
@@ -551,20 +770,10 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
 
     redis->since = ngx_current_msec;
 
-    waiting = 0;
-
-    for (i = 0; i < call->nwaits; i++) {
-        if (call->waits[i]->r) {
-            waiting = 1;
-            break;
-        }
-    }
-
-    if (!waiting) {
-        /* late, or the requests are gone */
-        ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
-        return;
-    }
+    /*
+     * Late replies are read too: whether Redis counted a request that
+     * timed out decides whether it is taken back.
+     */
 
     if (rp->type == REDIS_REPLY_ERROR && !call->eval
         && rp->len >= 8 && ngx_strncmp(rp->str, "NOSCRIPT", 8) == 0)
@@ -589,16 +798,17 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
         ngx_http_llmlimit_redis_ok(redis);
     }
 
-    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
-                   "llmlimit redis reply: %i, %ui requests",
-                   rc, call->nwaits);
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis reply: %i, %ui requests, %ui refunds",
+                   rc, call->nwaits, call->nrefunds);
 
     ngx_http_llmlimit_redis_finish(redis, call, rc);
 }
 
 
 /*
- * validates the whole reply before it touches a counter; sets each
+ * validates the whole reply before it touches a counter: Redis' time,
+ * then each request's status and its counters' results; sets each
  * request's rc and, for those still waiting, their counters' results
  */
 
@@ -619,7 +829,7 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
     }
 
     if (reply->type != REDIS_REPLY_ARRAY
-        || reply->elements != call->nwaits + 4 * call->nkeys)
+        || reply->elements != 1 + call->nwaits + 4 * call->nkeys)
     {
         ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
         return NGX_ERROR;
@@ -634,9 +844,16 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         }
     }
 
+    if (e[0]->integer <= 0
+        || e[0]->integer >= NGX_HTTP_LLMLIMIT_REDIS_TIME_MAX)
+    {
+        ngx_http_llmlimit_redis_fail(redis, "reply out of range");
+        return NGX_ERROR;
+    }
+
     /* request k's results start at o: status, then 4 per counter */
 
-    for (k = 0, o = 0; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + 4 * w->n) {
         w = call->waits[k];
         rejected = 0;
 
@@ -666,7 +883,9 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         }
     }
 
-    for (k = 0, o = 0; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+    call->now = e[0]->integer;
+
+    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + 4 * w->n) {
         w = call->waits[k];
         w->rc = e[o]->integer ? NGX_BUSY : NGX_OK;
 
@@ -693,17 +912,23 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
  * result, or with NGX_ERROR if the call failed.  A resumed request may
  * finalize another of the call (its cleanup clears w->r) or start new
  * checks (new calls): w->r is read afresh for each.
+ *
+ * What Redis counted is noted in the batch of a request that still lives,
+ * so that a take-back finds it; the late reply of a request that was not
+ * let through is taken back at once.  The refund entries of the call need
+ * nothing more.
  */
 
 static void
 ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call, ngx_int_t rc)
 {
-    ngx_int_t                        wrc;
-    ngx_uint_t                       i;
-    ngx_http_request_t              *r;
-    ngx_http_llmlimit_batch_t       *b;
-    ngx_http_llmlimit_redis_wait_t  *w;
+    ngx_int_t                          wrc;
+    ngx_uint_t                         i, j;
+    ngx_http_request_t                *r;
+    ngx_http_llmlimit_batch_t         *b;
+    ngx_http_llmlimit_redis_wait_t    *w;
+    ngx_http_llmlimit_redis_refund_t  *rf;
 
     for (i = 0; i < call->nwaits; i++) {
         w = call->waits[i];
@@ -711,10 +936,39 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
         b = w->b;
         wrc = (rc == NGX_ERROR) ? NGX_ERROR : w->rc;
 
+        if (b != NULL && wrc == NGX_OK) {
+            b->remote = 1;
+            b->time = call->now;
+        }
+
+        if (b == NULL && w->refund && wrc == NGX_OK) {
+            rf = ngx_http_llmlimit_redis_refunds(redis, w->n);
+
+            if (rf == NULL) {
+                ngx_log_debug0(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                               "llmlimit redis: cannot take back a count");
+
+            } else {
+                for (j = 0; j < w->n; j++) {
+                    rf[j].counter = w->counters[j];
+                    rf[j].time = call->now;
+                }
+            }
+        }
+
         ngx_http_llmlimit_redis_release(w);
 
         if (r == NULL) {
+            /* timed out or gone: decided without this reply */
             continue;
+        }
+
+        if (wrc == NGX_OK
+            && redis->zone->failure == NGX_HTTP_LLMLIMIT_FAIL_LOCAL)
+        {
+            /* the shadow counters */
+            ngx_http_llmlimit_shm_charge(r, b);
+            b->local = 1;
         }
 
         b->rc = wrc;
@@ -723,10 +977,17 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
 
     call->nwaits = 0;
     call->nkeys = 0;
+    call->nrefunds = 0;
 
     ngx_queue_insert_head(&redis->free_calls, &call->queue);
 }
 
+
+/*
+ * A request waited redis_timeout: it goes on by the zone's failure policy,
+ * the connection stays as it is.  The call still holds w: its late reply
+ * tells whether Redis counted the request.
+ */
 
 static void
 ngx_http_llmlimit_redis_timeout(ngx_event_t *ev)
@@ -741,21 +1002,28 @@ ngx_http_llmlimit_redis_timeout(ngx_event_t *ev)
     r = w->r;
     b = w->b;
 
-    /* the call still holds w: its late reply finds w->r == NULL */
-
     w->r = NULL;
-    w->cln->handler = NULL;
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "llmlimit redis timed out");
 
-    ngx_http_llmlimit_redis_fail(redis, "timed out");
+    ngx_http_llmlimit_redis_slow(redis, NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT);
 
     b->rc = NGX_ERROR;
     b->done(r, b);
 
-    /* no reply at all for long: the connection is dead, reconnect */
+    ngx_http_llmlimit_redis_stalled(redis);
+}
 
+
+/*
+ * No reply at all for long while replies are owed: the connection is
+ * dead, reconnect.  The only way slowness loses the connection.
+ */
+
+static void
+ngx_http_llmlimit_redis_stalled(ngx_http_llmlimit_redis_t *redis)
+{
     if (redis->ac != NULL && redis->pending
         && ngx_current_msec - redis->since
            >= ngx_max(20 * redis->timeout, NGX_HTTP_LLMLIMIT_REDIS_STALL))
@@ -765,15 +1033,90 @@ ngx_http_llmlimit_redis_timeout(ngx_event_t *ev)
 }
 
 
-/* the request is freed while a reply is owed */
+/* a request failed by slowness: counted, logged at most once a second */
+
+static void
+ngx_http_llmlimit_redis_slow(ngx_http_llmlimit_redis_t *redis,
+    ngx_uint_t what)
+{
+    if (what == NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT) {
+        redis->timeouts++;
+
+    } else {
+        redis->overflows++;
+    }
+
+    if (!redis->warn.timer_set && !ngx_http_llmlimit_redis_quitting(redis)) {
+        ngx_add_timer(&redis->warn, 1000);
+    }
+}
+
+
+static void
+ngx_http_llmlimit_redis_warn(ngx_event_t *ev)
+{
+    ngx_http_llmlimit_redis_t *redis = ev->data;
+
+    if (redis->timeouts) {
+        ngx_log_error(NGX_LOG_WARN, redis->log, 0,
+                      "llmlimit zone \"%V\": redis %V: %ui request%s timed "
+                      "out after %Mms, decided by redis_failure=%s",
+                      &redis->zone->name, &redis->addr, redis->timeouts,
+                      redis->timeouts == 1 ? "" : "s", redis->timeout,
+                      ngx_http_llmlimit_redis_policies[redis->zone->failure]);
+    }
+
+    if (redis->overflows) {
+        ngx_log_error(NGX_LOG_WARN, redis->log, 0,
+                      "llmlimit zone \"%V\": redis %V: %ui request%s not "
+                      "sent, %ui replies owed already, decided by "
+                      "redis_failure=%s",
+                      &redis->zone->name, &redis->addr, redis->overflows,
+                      redis->overflows == 1 ? "" : "s", redis->pending,
+                      ngx_http_llmlimit_redis_policies[redis->zone->failure]);
+    }
+
+    redis->timeouts = 0;
+    redis->overflows = 0;
+}
+
+
+/*
+ * The request is freed while w is attached: while it waited, or after a
+ * timeout.  Unless it was let through, what Redis counts for it is taken
+ * back when the reply comes.
+ */
 
 static void
 ngx_http_llmlimit_redis_cleanup(void *data)
 {
     ngx_http_llmlimit_redis_wait_t *w = data;
 
+    if (w->r != NULL || w->b == NULL || !w->b->kept) {
+        w->refund = 1;
+    }
+
+    ngx_http_llmlimit_redis_detach(w);
+}
+
+
+/* w no longer refers to its request: the request goes on, or is gone */
+
+static void
+ngx_http_llmlimit_redis_detach(ngx_http_llmlimit_redis_wait_t *w)
+{
     if (w->timer.timer_set) {
         ngx_del_timer(&w->timer);
+    }
+
+    if (w->cln != NULL) {
+        w->cln->handler = NULL;
+        w->cln = NULL;
+    }
+
+    if (w->b != NULL) {
+        w->b->data = NULL;
+        w->b = NULL;
     }
 
     w->r = NULL;
@@ -789,17 +1132,9 @@ ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w)
 
     redis = w->redis;
 
-    if (w->r != NULL) {
-        w->cln->handler = NULL;
-        w->r = NULL;
-    }
+    ngx_http_llmlimit_redis_detach(w);
 
-    if (w->timer.timer_set) {
-        ngx_del_timer(&w->timer);
-    }
-
-    w->b = NULL;
-    w->cln = NULL;
+    w->refund = 0;
 
     ngx_queue_remove(&w->queue);
     ngx_queue_insert_head(&redis->free, &w->queue);
@@ -1658,6 +1993,48 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
 }
 
 
+/*
+ * With timer_resolution R, nginx reads the clock and runs the timers every
+ * R only: a timer of less than R expires at the next tick, however soon
+ * after the request it comes, so such a redis_timeout means nothing.  It
+ * is raised to 2 * R: every request then waits at least R, which is more
+ * than what was asked, and at most 3 * R.  Called once the whole
+ * configuration is read (timer_resolution may follow the http block), so
+ * that "nginx -t" shows the warning.
+ */
+
+ngx_int_t
+ngx_http_llmlimit_redis_init_module(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    ngx_msec_t                  res;
+    ngx_core_conf_t            *ccf;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = zone->redis;
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    if (redis == NULL || ccf == NULL) {
+        return NGX_OK;
+    }
+
+    res = ccf->timer_resolution;
+
+    if (res == 0 || res == NGX_CONF_UNSET_MSEC || redis->timeout >= res) {
+        return NGX_OK;
+    }
+
+    ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
+                  "llmlimit zone \"%V\": redis_timeout=%Mms is below "
+                  "timer_resolution %Mms, %Mms is used instead",
+                  &zone->name, redis->timeout, res, 2 * res);
+
+    redis->timeout = 2 * res;
+
+    return NGX_OK;
+}
+
+
 /* the worker */
 
 ngx_int_t
@@ -1688,11 +2065,14 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->argvlen = ngx_palloc(redis->pool,
                                 NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(size_t));
 
-    /* a key and three numbers per counter, a number per request, two */
+    /*
+     * a key and up to four numbers per counter or refund, a number per
+     * request, three
+     */
 
     size = NGX_HTTP_LLMLIMIT_REDIS_KEYS
-           * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 4 * NGX_INT64_LEN)
-           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 2) * NGX_INT64_LEN;
+           * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 5 * NGX_INT64_LEN)
+           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 3) * NGX_INT64_LEN;
 
     redis->buf = ngx_pnalloc(redis->pool, size);
 
@@ -1708,6 +2088,13 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->flush.handler = ngx_http_llmlimit_redis_flush;
     redis->flush.data = redis;
     redis->flush.log = cycle->log;
+
+    redis->warn.handler = ngx_http_llmlimit_redis_warn;
+    redis->warn.data = redis;
+    redis->warn.log = cycle->log;
+    redis->warn.cancelable = 1;
+    redis->timeouts = 0;
+    redis->overflows = 0;
 
     redis->event.handler = ngx_http_llmlimit_redis_timer;
     redis->event.data = redis;
@@ -1751,22 +2138,22 @@ ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
         ngx_delete_posted_event(&redis->flush);
     }
 
-    /* requests still waiting are not resumed any more, nor sent */
+    if (redis->warn.timer_set) {
+        ngx_del_timer(&redis->warn);
+        ngx_http_llmlimit_redis_warn(&redis->warn);
+    }
+
+    /*
+     * requests still waiting are not resumed any more, nor sent; no
+     * request refers to a wait any more
+     */
 
     for (q = ngx_queue_head(&redis->busy);
          q != ngx_queue_sentinel(&redis->busy);
          q = ngx_queue_next(q))
     {
         w = ngx_queue_data(q, ngx_http_llmlimit_redis_wait_t, queue);
-
-        if (w->r) {
-            w->cln->handler = NULL;
-            w->r = NULL;
-        }
-
-        if (w->timer.timer_set) {
-            ngx_del_timer(&w->timer);
-        }
+        ngx_http_llmlimit_redis_detach(w);
     }
 
     if (redis->ac) {

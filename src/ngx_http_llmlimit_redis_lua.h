@@ -9,23 +9,34 @@
 
 
 /*
- * The Redis script: checks and counts the requests of one event-loop turn
- * of a worker, in order, each on its own: all counters of a request are
- * checked, then all of them are counted or none.  It mirrors
- * src/ngx_http_llmlimit_algo.c line by line; a change there must be made
- * here too.
+ * The Redis script: takes back the refund entries of a call, then checks
+ * and counts the requests of one event-loop turn of a worker, in order,
+ * each on its own: all counters of a request are checked, then all of them
+ * are counted or none.  It mirrors src/ngx_http_llmlimit_algo.c line by
+ * line; a change there must be made here too.
  *
- *   KEYS                         the counters' keys, request after request
+ *   KEYS                         the f refund entries' keys, then the
+ *                                counters' keys, request after request
  *   ARGV[1]                      the number of requests, m
  *   ARGV[1 + j]                  the number of counters of request j
- *   ARGV[m + 3i - 1 .. m + 3i + 1]
+ *   ARGV[m + 2]                  the number of refund entries, f
+ *   ARGV[m + 4e - 1 .. m + 4e + 2]
+ *                                refund entry e: algorithm, period, count,
+ *                                and Redis' time (ms) when it was counted
+ *   ARGV[m + 4f + 3i .. m + 4f + 3i + 2]
  *                                counter i (as in KEYS): algorithm
  *                                (0 sliding, 1 fixed, 2 gcra), period (ms),
  *                                count
  *
- * Returns, request after request, { status, rejected_1, remaining_1,
- * reset_1, retry_1, ... }, status 1 when some counter of the request is
- * over its limit (nothing of it counted), else 0.  One TIME for all.
+ * A refund entry takes back one count, as algo_refund(): GCRA moves the
+ * TAT back by one emission interval (no further than now); fixed and
+ * sliding take one off the current window if it is still the window the
+ * count went into.
+ *
+ * Returns { now, then request after request status, rejected_1,
+ * remaining_1, reset_1, retry_1, ... }: Redis' time in ms (one TIME for
+ * all), status 1 when some counter of the request is over its limit
+ * (nothing of it counted), else 0.
  *
  * State per key, a string "ALGORITHM T CUR PREV" (T: window start in ms,
  * or the GCRA theoretical arrival time in microseconds), with a TTL at
@@ -119,8 +130,35 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "end\n"
 "\n"
 "local m = tonumber(ARGV[1])\n"
-"local ki, ai, o, nd = 0, m + 1, 0, 0\n"
+"local f = tonumber(ARGV[m + 2])\n"
+"local ki, ai, o, nd = f, m + 2 + 4 * f, 1, 0\n"
 "local cs, ca, cP, cC = {}, {}, {}, {}\n"
+"out[1] = now\n"
+"\n"
+"for e = 1, f do\n"
+"  local b = m + 4 * e - 1\n"
+"  local a = tonumber(ARGV[b])\n"
+"  local P = tonumber(ARGV[b + 1])\n"
+"  local C = tonumber(ARGV[b + 2])\n"
+"  local tc = tonumber(ARGV[b + 3])\n"
+"  local s = load(KEYS[e], a)\n"
+"  local back = false\n"
+"  if a == 2 then\n"
+"    if s.t > now * 1000 then\n"
+"      local T = floor((P * 1000 + C - 1) / C)\n"
+"      s.t = max(s.t - T, now * 1000)\n"
+"      back = true\n"
+"    end\n"
+"  elseif s.cur > 0 and s.t == tc - tc % P and s.t == now - now % P then\n"
+"    s.cur = s.cur - 1\n"
+"    back = true\n"
+"  end\n"
+"  if back and not s.P then\n"
+"    s.P = P\n"
+"    nd = nd + 1\n"
+"    dirty[nd] = s\n"
+"  end\n"
+"end\n"
 "\n"
 "for j = 1, m do\n"
 "  local n = tonumber(ARGV[1 + j])\n"

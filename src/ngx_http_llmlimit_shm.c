@@ -55,6 +55,10 @@ typedef struct {
 
 static ngx_int_t ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+static ngx_int_t ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
+static void ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_shm_key(ngx_http_llmlimit_counter_t *c,
     uint64_t k[2]);
 static ngx_rbtree_node_t *ngx_http_llmlimit_shm_lookup(
@@ -75,7 +79,8 @@ static void ngx_http_llmlimit_rbtree_insert_value(ngx_rbtree_node_t *temp,
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_shm_store = {
-    ngx_http_llmlimit_shm_check
+    ngx_http_llmlimit_shm_store_check,
+    ngx_http_llmlimit_shm_store_refund
 };
 
 
@@ -223,6 +228,123 @@ ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+/*
+ * Counts a request that another store admitted, without checking: the
+ * shadow of a Redis zone, from which the local fallback goes on when Redis
+ * is lost.  The counters' results, Redis', are left as they are.
+ */
+
+void
+ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    time_t                        sec;
+    int64_t                       now, expires;
+    uint64_t                      k[2];
+    ngx_uint_t                    i, evicted, warn;
+    ngx_rbtree_t                  tree;
+    ngx_rbtree_node_t            *nodes[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
+    ngx_http_llmlimit_zone_t     *zone;
+    ngx_http_llmlimit_node_t     *ln;
+    ngx_http_llmlimit_counter_t   c;
+
+    zone = b->zone;
+    now = ngx_http_llmlimit_now();
+    sec = (time_t) (now / 1000);
+    evicted = 0;
+    warn = 0;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    for (i = 0; i < b->n && i < NGX_HTTP_LLMLIMIT_MAX_COUNTERS; i++) {
+        c = b->counters[i];
+
+        ngx_http_llmlimit_shm_key(&c, k);
+
+        nodes[i] = ngx_http_llmlimit_shm_lookup(zone, (ngx_rbtree_key_t) k[0],
+                                                k[1]);
+
+        if (nodes[i] == NULL) {
+            nodes[i] = ngx_http_llmlimit_shm_alloc(zone, nodes, i, sec,
+                                                   &evicted);
+            if (nodes[i] == NULL) {
+                continue;
+            }
+
+            ln = ngx_http_llmlimit_node(nodes[i]);
+            nodes[i]->key = (ngx_rbtree_key_t) k[0];
+            ln->key2 = k[1];
+            ngx_memzero(&ln->state, sizeof(ngx_http_llmlimit_state_t));
+
+            ngx_http_llmlimit_shm_tree(zone, k[1], &tree);
+            ngx_rbtree_insert(&tree, nodes[i]);
+            zone->sh->roots[k[1] & zone->sh->mask] = tree.root;
+
+        } else {
+            ln = ngx_http_llmlimit_node(nodes[i]);
+            ngx_queue_remove(&ln->queue);
+        }
+
+        ngx_queue_insert_head(&zone->sh->lru, &ln->queue);
+
+        /* check() only rolls the window here: the count goes in anyway */
+
+        (void) ngx_http_llmlimit_algo_check(&ln->state, &c, now);
+        ngx_http_llmlimit_algo_count(&ln->state, &c, now);
+
+        expires = ngx_http_llmlimit_algo_expires(&ln->state, &c);
+        ln->expires = (uint32_t) ((expires + 999) / 1000);
+    }
+
+    if (evicted) {
+        zone->sh->evicted += evicted;
+
+        if (sec - zone->sh->warn_time >= NGX_HTTP_LLMLIMIT_WARN_PERIOD) {
+            zone->sh->warn_time = sec;
+            warn = zone->sh->evicted;
+            zone->sh->evicted = 0;
+        }
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    if (warn) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "llmlimit zone \"%V\" is full, evicted %ui least "
+                      "recently used counters", &zone->name, warn);
+    }
+}
+
+
+/* the store interface: what was counted here is known to be taken back */
+
+static ngx_int_t
+ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    ngx_int_t  rc;
+
+    rc = ngx_http_llmlimit_shm_check(r, b);
+
+    if (rc == NGX_OK) {
+        b->local = 1;
+    }
+
+    return rc;
+}
+
+
+static void
+ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b)
+{
+    if (b->local) {
+        ngx_http_llmlimit_shm_refund(r, b);
+        b->local = 0;
+    }
 }
 
 

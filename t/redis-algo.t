@@ -5,7 +5,9 @@
 # periods) through both and compares every result algo.c defines.  Some
 # steps send several requests (sharing counters) in one call, as a worker
 # does with the requests of one event-loop turn; algo.c sees them one after
-# the other.  The script gets the driver's clock instead of TIME, and keys
+# the other.  Now and then a request just counted is taken back, by
+# algo_refund() and by a refund entry of the script, as when a later zone
+# rejects it.  The script gets the driver's clock instead of TIME, and keys
 # without TTLs, so that both see the same time.
 #
 # Needs gcc, libhiredis-dev and the configured nginx tree of the build
@@ -112,11 +114,11 @@ main(int argc, char **argv)
 
     int            port, it, iters, i, j, n, k, steps, ac, bad, m, q, o;
     int            nkeys, nq[MAXREQ], rej[MAXREQ];
-    long           total;
-    char          *script, keys[3][64], nums[9][32], nn[MAXREQ + 3][32];
+    long           total, refunds;
+    char          *script, keys[3][64], nums[9][32], nn[MAXREQ + 4][32];
     int64_t        now, dt;
-    size_t         al[8 + 5 * MAXREQ * 3];
-    const char    *av[8 + 5 * MAXREQ * 3];
+    size_t         al[16 + 5 * MAXREQ * 3];
+    const char    *av[16 + 5 * MAXREQ * 3];
     redisReply    *r;
     redisContext  *rc;
 
@@ -136,6 +138,7 @@ main(int argc, char **argv)
     script = script_with_clock();
     bad = 0;
     total = 0;
+    refunds = 0;
 
     for (it = 0; it < iters; it++) {
         n = 1 + rand() % 3;
@@ -232,6 +235,8 @@ main(int argc, char **argv)
                 av[ac] = nn[q]; al[ac++] = strlen(nn[q]);
             }
 
+            av[ac] = "0"; al[ac++] = 1;     /* no refund entries */
+
             for (q = 0; q < m; q++) {
                 for (i = 0; i < 3 * nq[q]; i++) {
                     av[ac] = nums[i]; al[ac++] = strlen(nums[i]);
@@ -243,14 +248,15 @@ main(int argc, char **argv)
             r = redisCommandArgv(rc, ac, av, al);
 
             if (r == NULL || r->type != REDIS_REPLY_ARRAY
-                || r->elements != (size_t) (m + 4 * nkeys))
+                || r->elements != (size_t) (1 + m + 4 * nkeys)
+                || r->element[0]->integer != now)
             {
                 printf("bad reply: %s\n",
                        r && r->type == REDIS_REPLY_ERROR ? r->str : "?");
                 return 1;
             }
 
-            for (q = 0, o = 0; q < m; o += 1 + 4 * nq[q], q++) {
+            for (q = 0, o = 1; q < m; o += 1 + 4 * nq[q], q++) {
 
                 if (r->element[o]->integer != rej[q]) {
                     bad++;
@@ -299,6 +305,58 @@ main(int argc, char **argv)
 
             freeReplyObject(r);
 
+            /*
+             * now and then a request just counted is taken back, as when
+             * a later zone rejects it: a call of refund entries only
+             */
+
+            q = rand() % m;
+
+            if (!rej[q] && rand() % 3 == 0) {
+                refunds++;
+
+                for (i = 0; i < nq[q]; i++) {
+                    ngx_http_llmlimit_algo_refund(&st[i], &out[q][i], now);
+                }
+
+                sprintf(nn[MAXREQ + 3], "%d", nq[q]);
+
+                ac = 0;
+                av[ac] = "EVAL"; al[ac++] = 4;
+                av[ac] = script; al[ac++] = strlen(script);
+                av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
+
+                for (i = 0; i < nq[q]; i++) {
+                    av[ac] = keys[i]; al[ac++] = strlen(keys[i]);
+                }
+
+                av[ac] = "0"; al[ac++] = 1;
+                av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
+
+                for (i = 0; i < nq[q]; i++) {
+                    for (j = 0; j < 3; j++) {
+                        av[ac] = nums[3 * i + j];
+                        al[ac++] = strlen(nums[3 * i + j]);
+                    }
+
+                    av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
+                }
+
+                av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
+
+                r = redisCommandArgv(rc, ac, av, al);
+
+                if (r == NULL || r->type != REDIS_REPLY_ARRAY
+                    || r->elements != 1)
+                {
+                    printf("bad refund reply: %s\n",
+                           r && r->type == REDIS_REPLY_ERROR ? r->str : "?");
+                    return 1;
+                }
+
+                freeReplyObject(r);
+            }
+
             if (bad > 20) {
                 printf("done: %ld steps, %d mismatches\n", total, bad);
                 return 1;
@@ -306,6 +364,7 @@ main(int argc, char **argv)
         }
     }
 
+    printf("refunds: %ld\n", refunds);
     printf("done: %ld steps, %d mismatches\n", total, bad);
 
     return bad != 0;

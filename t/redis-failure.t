@@ -1,5 +1,6 @@
 # The Redis store when Redis fails: stopped mid-run (each failure policy),
-# restarted, slowed beyond redis_timeout, a server answering garbage or
+# restarted, slowed beyond redis_timeout (the requests pay, not the
+# connection), silent beyond the stall bound, a server answering garbage or
 # replies of the wrong shape, a reload under load, a fast shutdown with
 # replies owed.  "lost" and "back" are logged once per change.
 
@@ -147,7 +148,10 @@ sub count_re {
 
 
 # ---------------------------------------------------------------------------
-# slowed beyond redis_timeout: DEBUG SLEEP and CLIENT PAUSE
+# slowed beyond redis_timeout (DEBUG SLEEP, CLIENT PAUSE), less than the
+# stall bound (20 x redis_timeout, at least 2 s): each request that waited
+# too long is decided by its failure policy, the connection stays, nothing
+# is "lost"; then silent beyond the stall bound: lost once, back once
 
 {
     my $rd = LLMLimit::Redis->new;
@@ -161,8 +165,8 @@ sub count_re {
     is_deeply([ run($c, 'GET /o', 1, uid()) ], [ '200', 'PASSED' ],
               'Redis answers in time');
 
-    for my $how ([ 'DEBUG', 'SLEEP', 2 * $SLOW ],
-                 [ 'CLIENT', 'PAUSE', 2000 * $SLOW, 'ALL' ])
+    for my $how ([ 'DEBUG', 'SLEEP', 1.2 * $SLOW ],
+                 [ 'CLIENT', 'PAUSE', 1200 * $SLOW, 'ALL' ])
     {
         my $blocker = $rd->send_only(@$how);
         sleep 0.1;
@@ -204,10 +208,62 @@ sub count_re {
     }
 
     my $log = $t->error_log;
-    is(count_re($log, qr/zone "o": redis \S+ lost: timed out/), 2,
-       'lost (timed out) logged once per slow period') or diag($log);
-    is(count_re($log, qr/zone "o": redis \S+ back/), 2,
-       'back logged once per slow period');
+    is(count_re($log, qr/redis \S+ (lost|back)/), 0,
+       'slow replies: no "lost", no "back"') or diag($log);
+
+    # silent beyond the stall bound
+
+    my $pause = $rd->send_only('CLIENT', 'PAUSE', int(4000 * $SLOW), 'ALL');
+    LLMLimit::Redis::read_reply($pause);
+
+    my $t0 = time;
+    my %seen;
+    while (time - $t0 < 3 * $SLOW) {
+        my (undef, $st) = run($c, 'GET /o', 1, uid());
+        $seen{$st}++;
+        sleep 0.1;
+    }
+
+    is(join(' ', sort keys %seen), 'ERROR', 'stalled: open passes, ERROR');
+
+    LLMLimit::Redis::write_cmd($pause, 'CLIENT', 'UNPAUSE');
+    LLMLimit::Redis::read_reply($pause);
+    close $pause;
+
+    my $end = time + 10 * $SLOW;
+    my $st = '';
+    while (time < $end) {
+        (undef, $st) = run($c, 'GET /o', 1, uid());
+        last if $st eq 'PASSED';
+        sleep 0.1;
+    }
+    is($st, 'PASSED', 'back to Redis');
+
+    $log = $t->error_log;
+    is(count_re($log, qr/zone "o": redis \S+ lost/), 1, 'stalled: lost once')
+        or diag($log);
+    like($log, qr/zone "o": redis \S+ lost: no reply/, 'for no reply');
+    is(count_re($log, qr/zone "o": redis \S+ back/), 1, 'back once');
+    is(count_re($log, qr/zone "[lc]": redis \S+ (lost|back)/), 0,
+       'the zones without requests: nothing');
+
+    # the requests that timed out: in warnings, a line a second at most
+    for my $z ([ 'o', 'open', 2 ], [ 'l', 'local', 4 ], [ 'c', 'closed', 1 ])
+    {
+        my $what = "timed out after ${tmo}ms, decided by "
+                   . "redis_failure=$z->[1]";
+        my @n = $log =~ /zone "$z->[0]": .*: (\d+) requests? \Q$what\E/g;
+        my $sum = 0;
+        $sum += $_ for @n;
+        cmp_ok($sum, $z->[0] eq 'o' ? '>=' : '==', 2 * $z->[2],
+               "zone $z->[0]: the timeouts are counted in warnings")
+            or diag($log);
+
+        my @sec = $log =~ /^(\S+ \S+) \[warn\].* "$z->[0]": .* timed out/mg;
+        my %uniq = map { ($_ => 1) } @sec;
+        is(scalar(keys %uniq), scalar(@sec),
+           "zone $z->[0]: at most a line a second") or diag($log);
+    }
 
     $t->stop;
     $rd->stop;
@@ -253,18 +309,25 @@ sub count_re {
 # keep scripts
 
 {
-    my $good = "*5\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
+    # { Redis' time, status, rejected, remaining, reset, retry }
+    my $now = ":1795426400000\r\n";
+    my $good = "*6\r\n$now:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
     my @bad = (
         [ "+OK\r\n",                                     'unexpected reply' ],
         [ ":1\r\n",                                      'unexpected reply' ],
         [ "\$-1\r\n",                                    'unexpected reply' ],
-        [ "*1\r\n:0\r\n",                                'unexpected reply' ],
-        [ "*5\r\n:0\r\n\$1\r\n0\r\n:0\r\n:0\r\n:0\r\n",  'unexpected reply' ],
-        [ "*5\r\n:0\r\n:0\r\n:99\r\n:0\r\n:0\r\n",       'out of range' ],
-        [ "*5\r\n:0\r\n:0\r\n:2\r\n:-5\r\n:0\r\n",       'out of range' ],
-        [ "*5\r\n:0\r\n:2\r\n:0\r\n:0\r\n:0\r\n",        'out of range' ],
-        [ "*5\r\n:1\r\n:0\r\n:2\r\n:0\r\n:0\r\n",        'inconsistent' ],
-        [ "*5\r\n:0\r\n:1\r\n:0\r\n:5\r\n:5\r\n",        'inconsistent' ],
+        [ "*2\r\n$now:0\r\n",                             'unexpected reply' ],
+        [ "*5\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n",     'unexpected reply' ],
+        [ "*6\r\n$now:0\r\n\$1\r\n0\r\n:0\r\n:0\r\n:0\r\n", 'unexpected reply' ],
+        [ "*6\r\n\$13\r\n1795426400000\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n",
+                                                         'unexpected reply' ],
+        [ "*6\r\n:0\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n",  'out of range' ],
+        [ "*6\r\n:-7\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n", 'out of range' ],
+        [ "*6\r\n$now:0\r\n:0\r\n:99\r\n:0\r\n:0\r\n",      'out of range' ],
+        [ "*6\r\n$now:0\r\n:0\r\n:2\r\n:-5\r\n:0\r\n",      'out of range' ],
+        [ "*6\r\n$now:0\r\n:2\r\n:0\r\n:0\r\n:0\r\n",       'out of range' ],
+        [ "*6\r\n$now:1\r\n:0\r\n:2\r\n:0\r\n:0\r\n",       'inconsistent' ],
+        [ "*6\r\n$now:0\r\n:1\r\n:0\r\n:5\r\n:5\r\n",       'inconsistent' ],
         [ "-ERR boom\r\n",                               'ERR boom' ],
         [ "*-1\r\n",                                     'unexpected reply' ],
     );
@@ -509,7 +572,8 @@ sub count_re {
 
 {
     my $N = 3;
-    my $one = "*5\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
+    my $now = ":1795426400000\r\n";
+    my $one = "*6\r\n$now:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
     my $log_file = File::Temp::tempdir('llmlimit-fake-XXXXXX', TMPDIR => 1,
                                        CLEANUP => 1) . '/commands';
 
@@ -532,7 +596,7 @@ sub count_re {
         if ($cmd eq 'EVAL') {
             my $nkeys = $a->[2];
             my $m = $a->[3 + $nkeys];
-            my $r = '*' . ($m + 4 * $nkeys) . "\r\n";
+            my $r = '*' . (1 + $m + 4 * $nkeys) . "\r\n$now";
             for my $j (1 .. $m) {
                 my $n = $a->[3 + $nkeys + $j];
                 $r .= ":0\r\n" . (":0\r\n:2\r\n:1000\r\n:0\r\n" x $n);
