@@ -53,8 +53,8 @@ typedef struct {
               + sizeof(ngx_http_llmlimit_node_t), sizeof(uint64_t))
 
 
-static ngx_int_t ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
-    ngx_http_llmlimit_batch_t *b);
+static ngx_int_t ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t charge);
 static ngx_int_t ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
@@ -84,9 +84,14 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_shm_store = {
 };
 
 
+/*
+ * Checks the counters of a batch and counts them all or none; with
+ * "charge", counts them unchecked and leaves their results alone.
+ */
+
 static ngx_int_t
-ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
-    ngx_http_llmlimit_batch_t *b)
+ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t charge)
 {
     time_t                        sec;
     int64_t                       now, expires;
@@ -99,7 +104,7 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     ngx_http_llmlimit_node_t     *ln;
     ngx_http_llmlimit_state_t     fresh[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
     ngx_http_llmlimit_state_t    *st[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
-    ngx_http_llmlimit_counter_t  *c;
+    ngx_http_llmlimit_counter_t  *c, copy;
 
     zone = b->zone;
     now = ngx_http_llmlimit_now();
@@ -148,7 +153,8 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
             st[i] = &ln->state;
         }
 
-        if (ngx_http_llmlimit_algo_check(st[i], c, now) != NGX_OK) {
+        if (!charge && ngx_http_llmlimit_algo_check(st[i], c, now) != NGX_OK)
+        {
             rc = NGX_BUSY;
         }
     }
@@ -156,6 +162,12 @@ ngx_http_llmlimit_shm_check(ngx_http_request_t *r,
     if (rc == NGX_OK) {
         for (i = 0; i < b->n; i++) {
             c = &b->counters[i];
+
+            if (charge) {
+                /* the results are another store's: count on a copy */
+                copy = *c;
+                c = &copy;
+            }
 
             ngx_http_llmlimit_algo_count(st[i], c, now);
 
@@ -241,81 +253,7 @@ void
 ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b)
 {
-    time_t                        sec;
-    int64_t                       now, expires;
-    uint64_t                      k[2];
-    ngx_uint_t                    i, evicted, warn;
-    ngx_rbtree_t                  tree;
-    ngx_rbtree_node_t            *nodes[NGX_HTTP_LLMLIMIT_MAX_COUNTERS];
-    ngx_http_llmlimit_zone_t     *zone;
-    ngx_http_llmlimit_node_t     *ln;
-    ngx_http_llmlimit_counter_t   c;
-
-    zone = b->zone;
-    now = ngx_http_llmlimit_now();
-    sec = (time_t) (now / 1000);
-    evicted = 0;
-    warn = 0;
-
-    ngx_shmtx_lock(&zone->shpool->mutex);
-
-    for (i = 0; i < b->n && i < NGX_HTTP_LLMLIMIT_MAX_COUNTERS; i++) {
-        c = b->counters[i];
-
-        ngx_http_llmlimit_shm_key(&c, k);
-
-        nodes[i] = ngx_http_llmlimit_shm_lookup(zone, (ngx_rbtree_key_t) k[0],
-                                                k[1]);
-
-        if (nodes[i] == NULL) {
-            nodes[i] = ngx_http_llmlimit_shm_alloc(zone, nodes, i, sec,
-                                                   &evicted);
-            if (nodes[i] == NULL) {
-                continue;
-            }
-
-            ln = ngx_http_llmlimit_node(nodes[i]);
-            nodes[i]->key = (ngx_rbtree_key_t) k[0];
-            ln->key2 = k[1];
-            ngx_memzero(&ln->state, sizeof(ngx_http_llmlimit_state_t));
-
-            ngx_http_llmlimit_shm_tree(zone, k[1], &tree);
-            ngx_rbtree_insert(&tree, nodes[i]);
-            zone->sh->roots[k[1] & zone->sh->mask] = tree.root;
-
-        } else {
-            ln = ngx_http_llmlimit_node(nodes[i]);
-            ngx_queue_remove(&ln->queue);
-        }
-
-        ngx_queue_insert_head(&zone->sh->lru, &ln->queue);
-
-        /* check() only rolls the window here: the count goes in anyway */
-
-        (void) ngx_http_llmlimit_algo_check(&ln->state, &c, now);
-        ngx_http_llmlimit_algo_count(&ln->state, &c, now);
-
-        expires = ngx_http_llmlimit_algo_expires(&ln->state, &c);
-        ln->expires = (uint32_t) ((expires + 999) / 1000);
-    }
-
-    if (evicted) {
-        zone->sh->evicted += evicted;
-
-        if (sec - zone->sh->warn_time >= NGX_HTTP_LLMLIMIT_WARN_PERIOD) {
-            zone->sh->warn_time = sec;
-            warn = zone->sh->evicted;
-            zone->sh->evicted = 0;
-        }
-    }
-
-    ngx_shmtx_unlock(&zone->shpool->mutex);
-
-    if (warn) {
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "llmlimit zone \"%V\" is full, evicted %ui least "
-                      "recently used counters", &zone->name, warn);
-    }
+    (void) ngx_http_llmlimit_shm_update(r, b, 1);
 }
 
 
@@ -327,7 +265,7 @@ ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
 {
     ngx_int_t  rc;
 
-    rc = ngx_http_llmlimit_shm_check(r, b);
+    rc = ngx_http_llmlimit_shm_update(r, b, 0);
 
     if (rc == NGX_OK) {
         b->local = 1;
