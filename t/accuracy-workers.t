@@ -39,7 +39,8 @@
 # slower than that (other jobs on the machine), falling back is what
 # redis_failure=local asks for and the Redis cases' counts are not checked.
 #
-# The measured counts are printed (diag).
+# The measured counts are printed (diag).  LLMLIMIT_ACCURACY_MODE=timer
+# (or =no) runs one set-up only.
 
 use strict;
 use warnings;
@@ -332,7 +333,12 @@ sub check_case {
                  join('/', map { $pids{$_} } sort keys %pids)));
 
     ok($n <= $hi, "$name: at most $hi admitted ($n)");
-    ok($n >= $lo, "$name: at least $lo admitted ($n)");
+
+    SKIP: {
+        skip "$name: under valgrind the clients may not keep up", 1
+            if valgrind();
+        ok($n >= $lo, "$name: at least $lo admitted ($n)");
+    }
     ok($inP <= $bP, "$name: at most $bP in any ${P}s ($inP)");
     ok($in250 <= $b250, "$name: at most $b250 in any 250 ms ($in250)");
 
