@@ -191,6 +191,7 @@ typedef struct {
 
 
 extern ngx_module_t                     ngx_http_llmlimit_module;
+extern ngx_module_t                     ngx_http_llmlimit_keys_module;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_shm_store;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_redis_store;
 
