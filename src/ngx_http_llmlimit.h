@@ -254,6 +254,10 @@ void ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
 #define NGX_HTTP_LLMLIMIT_HEADERS_X       0x01
 #define NGX_HTTP_LLMLIMIT_HEADERS_IETF    0x02
 
+/* llmlimit_phase */
+#define NGX_HTTP_LLMLIMIT_PHASE_PREACCESS 0
+#define NGX_HTTP_LLMLIMIT_PHASE_ACCESS    1
+
 typedef struct {
     ngx_array_t                    *tables;        /* table_t *; NULL: off */
     ngx_uint_t                      status_code;
@@ -265,6 +269,7 @@ typedef struct {
     ngx_str_t                       header_limit;
     ngx_str_t                       header_remaining;
     ngx_str_t                       header_reset;
+    ngx_uint_t                      phase;         /* llmlimit_phase */
 } ngx_http_llmlimit_loc_conf_t;
 
 
