@@ -653,6 +653,10 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 
         /* the worker that was loading is gone */
 
+        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                      "llmlimit_keys: process %P did not finish loading "
+                      "\"%s\", taking over", sh->loader, kcf->file.data);
+
         if (sh->pending) {
             ngx_slab_free_locked(kcf->shpool, sh->pending);
             sh->pending = NULL;
