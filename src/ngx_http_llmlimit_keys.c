@@ -148,13 +148,16 @@ typedef struct {
     ngx_uint_t                      nkeys;
     ngx_uint_t                      mask;
     size_t                          size;          /* of the block */
+    size_t                          peak;          /* process memory */
 
     ngx_http_llmlimit_keys_table_t *table;         /* the block */
 
     EVP_MD_CTX                     *md_ctx;
     EVP_MD                         *md;
 
-    ngx_msec_t                      time[4];       /* of each phase */
+    uint64_t                        time[4];       /* of each phase, us */
+    uint64_t                        held[2];       /* the lock, us: to
+                                                      allocate, to swap */
     ngx_uint_t                      err_line;      /* 0: not of a line */
     size_t                          err_len;
     u_char                          err[256];
@@ -263,7 +266,7 @@ static ngx_int_t ngx_http_llmlimit_keys_digest(EVP_MD_CTX *ctx,
     const EVP_MD *md, u_char *data, size_t len, u_char *digest);
 static EVP_MD *ngx_http_llmlimit_keys_md(void);
 static void ngx_http_llmlimit_keys_md_free(EVP_MD *md);
-static ngx_msec_t ngx_http_llmlimit_keys_clock(void);
+static uint64_t ngx_http_llmlimit_keys_clock(void);
 
 static ngx_int_t ngx_http_llmlimit_keys_add_variables(ngx_conf_t *cf);
 static void *ngx_http_llmlimit_keys_create_main_conf(ngx_conf_t *cf);
@@ -821,6 +824,7 @@ static void
 ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
     ngx_http_llmlimit_keys_build_t *b, ngx_log_t *log)
 {
+    uint64_t                         start;
     ngx_uint_t                       nkeys;
     ngx_http_llmlimit_keys_shctx_t  *sh;
     ngx_http_llmlimit_keys_table_t  *old;
@@ -829,6 +833,8 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
     old = NULL;
 
     ngx_shmtx_lock(&kcf->shpool->mutex);
+
+    start = ngx_http_llmlimit_keys_clock();
 
     if (b->rc == NGX_OK) {
         old = sh->table;
@@ -865,6 +871,8 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
 
     nkeys = sh->table ? sh->table->nkeys : 0;
 
+    b->held[1] = ngx_http_llmlimit_keys_clock() - start;
+
     ngx_shmtx_unlock(&kcf->shpool->mutex);
 
     switch (b->rc) {
@@ -872,11 +880,16 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
     case NGX_OK:
         ngx_log_error(NGX_LOG_NOTICE, log, 0,
                       "llmlimit_keys \"%s\": %ui keys loaded, %uz bytes "
-                      "of shared memory, in %Mms (read %Mms, parse %Mms, "
-                      "index %Mms, copy %Mms)",
-                      kcf->file.data, b->nkeys, b->size,
-                      b->time[0] + b->time[1] + b->time[2] + b->time[3],
-                      b->time[0], b->time[1], b->time[2], b->time[3]);
+                      "of shared memory (%uz of process memory at most), "
+                      "in %uLms (read %uLms, parse %uLms, index %uLms, "
+                      "copy %uLms), the lock held %uLus to allocate and "
+                      "%uLus to swap",
+                      kcf->file.data, b->nkeys, b->size, b->peak,
+                      (b->time[0] + b->time[1] + b->time[2] + b->time[3])
+                      / 1000,
+                      b->time[0] / 1000, b->time[1] / 1000,
+                      b->time[2] / 1000, b->time[3] / 1000,
+                      b->held[0], b->held[1]);
         break;
 
     case NGX_ERROR:
@@ -972,8 +985,8 @@ static ngx_int_t
 ngx_http_llmlimit_keys_run(ngx_http_llmlimit_keys_build_t *b,
     ngx_uint_t budget, ngx_uint_t until)
 {
+    uint64_t    start;
     ngx_int_t   rc;
-    ngx_msec_t  start;
 
     while (b->phase < until) {
 
@@ -1133,6 +1146,25 @@ ngx_http_llmlimit_keys_read(ngx_http_llmlimit_keys_build_t *b)
 
     b->pos = b->text.data;
     b->last = b->text.data + b->text.len;
+
+    /*
+     * room for an entry every 64 bytes of the file, so that the arrays
+     * seldom grow: pages never written to take no memory
+     */
+
+    n = b->text.len / 64 + 16;
+
+    if (ngx_http_llmlimit_keys_buf_reserve(&b->keys,
+                                  n * sizeof(ngx_http_llmlimit_key_t))
+        != NGX_OK
+        || ngx_http_llmlimit_keys_buf_reserve(&b->lines, n * sizeof(uint32_t))
+           != NGX_OK
+        || ngx_http_llmlimit_keys_buf_reserve(&b->strings, b->text.len / 4)
+           != NGX_OK)
+    {
+        rc = ngx_http_llmlimit_keys_error(b, 0, "out of memory");
+        goto done;
+    }
 
     rc = NGX_OK;
 
@@ -1754,6 +1786,11 @@ ngx_http_llmlimit_keys_index(ngx_http_llmlimit_keys_build_t *b)
               + ngx_align(b->keys.len, 8)
               + b->strings.len;
 
+    /* what was written to, at most at once */
+
+    b->peak = b->text.len + b->keys.len + b->lines.len
+              + b->strings.len + b->interned.len + b->buckets.len;
+
     /* the text and the interning are no longer needed */
 
     ngx_http_llmlimit_keys_buf_free(&b->text);
@@ -1770,11 +1807,14 @@ static ngx_int_t
 ngx_http_llmlimit_keys_alloc(ngx_http_llmlimit_keys_build_t *b)
 {
     void                           *p;
+    uint64_t                        start;
     ngx_http_llmlimit_keys_conf_t  *kcf;
 
     kcf = b->conf;
 
     ngx_shmtx_lock(&kcf->shpool->mutex);
+
+    start = ngx_http_llmlimit_keys_clock();
 
     p = ngx_slab_alloc_locked(kcf->shpool, b->size);
 
@@ -1782,6 +1822,8 @@ ngx_http_llmlimit_keys_alloc(ngx_http_llmlimit_keys_build_t *b)
         /* freed by another worker if this one dies before publishing */
         kcf->sh->pending = p;
     }
+
+    b->held[0] = ngx_http_llmlimit_keys_clock() - start;
 
     ngx_shmtx_unlock(&kcf->shpool->mutex);
 
@@ -1890,6 +1932,25 @@ ngx_http_llmlimit_keys_buf_reserve(ngx_http_llmlimit_keys_buf_t *buf,
         size *= 2;
     }
 
+#if (NGX_LINUX)
+
+    if (buf->data) {
+        /* the pages move, not their contents */
+
+        p = mremap(buf->data, buf->size, size, MREMAP_MAYMOVE);
+
+        if (p == MAP_FAILED) {
+            return NGX_ERROR;
+        }
+
+        buf->data = p;
+        buf->size = size;
+
+        return NGX_OK;
+    }
+
+#endif
+
     p = mmap(NULL, size, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANON, -1, 0);
 
     if (p == MAP_FAILED) {
@@ -1992,7 +2053,9 @@ ngx_http_llmlimit_keys_md_free(EVP_MD *md)
 }
 
 
-static ngx_msec_t
+/* microseconds, for the load's log line */
+
+static uint64_t
 ngx_http_llmlimit_keys_clock(void)
 {
 #if (NGX_HAVE_CLOCK_MONOTONIC)
@@ -2000,13 +2063,13 @@ ngx_http_llmlimit_keys_clock(void)
 
     (void) clock_gettime(CLOCK_MONOTONIC, &ts);
 
-    return (ngx_msec_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (uint64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 #else
     struct timeval   tv;
 
     ngx_gettimeofday(&tv);
 
-    return (ngx_msec_t) tv.tv_sec * 1000 + tv.tv_usec / 1000;
+    return (uint64_t) tv.tv_sec * 1000000 + tv.tv_usec;
 #endif
 }
 
