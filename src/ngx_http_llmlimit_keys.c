@@ -9,7 +9,7 @@
  * workspace, project, user), read from a JSON file, for the
  * $llmlimit_key_* variables.
  *
- * In shared memory a directory is one block of the slab: a header, an
+ * In shared memory a directory is one block of an arena: a header, an
  * open-addressing table of 32-bit entry numbers indexed by the SHA-256 of
  * the key, the entries (the digest and nine 32-bit references to its
  * strings) and the strings, each distinct string stored once.  The key
@@ -21,7 +21,7 @@
  *
  * A new directory is built off to the side: the file is read and parsed
  * one key at a time (one json_loadb() per entry, so that jansson holds
- * one entry, not a million), indexed, and copied into a new slab block
+ * one entry, not a million), indexed, and copied into a new block
  * that no reader can see yet.  It is then published with one pointer
  * store under the mutex, and the old block is freed.  At start the master
  * process parses the file while reading the configuration (so that
@@ -60,6 +60,7 @@
 #define NGX_HTTP_LLMLIMIT_KEYS_MAX_SIZE       (512 * 1024 * 1024)
 #define NGX_HTTP_LLMLIMIT_KEYS_SLICE          256
 #define NGX_HTTP_LLMLIMIT_KEYS_STALE          600     /* seconds */
+#define NGX_HTTP_LLMLIMIT_KEYS_BLOCKS         4
 
 /* the phases of a load */
 #define NGX_HTTP_LLMLIMIT_KEYS_READ           0
@@ -76,7 +77,7 @@ typedef struct {
 } ngx_http_llmlimit_key_t;
 
 
-/* a directory in shared memory, at the start of its slab block */
+/* a directory in shared memory, at the start of its block */
 typedef struct {
     size_t                          size;          /* of the block */
     ngx_uint_t                      nkeys;
@@ -98,6 +99,13 @@ typedef struct {
 } ngx_http_llmlimit_keys_stat_t;
 
 
+/* a directory's block in the arena */
+typedef struct {
+    size_t                          off;
+    size_t                          size;
+} ngx_http_llmlimit_keys_block_t;
+
+
 typedef struct {
     ngx_http_llmlimit_keys_table_t *table;         /* NULL: none yet */
     ngx_http_llmlimit_keys_stat_t   loaded;        /* the file of table */
@@ -107,6 +115,11 @@ typedef struct {
     void                           *pending;       /* its block */
     ngx_uint_t                      generation;
     time_t                          load_time;     /* of table */
+
+    u_char                         *arena;         /* for the blocks */
+    size_t                          arena_size;
+    ngx_uint_t                      nblocks;       /* in address order */
+    ngx_http_llmlimit_keys_block_t  blocks[NGX_HTTP_LLMLIMIT_KEYS_BLOCKS];
 } ngx_http_llmlimit_keys_shctx_t;
 
 
@@ -249,6 +262,10 @@ static ngx_int_t ngx_http_llmlimit_keys_index(
     ngx_http_llmlimit_keys_build_t *b);
 static ngx_int_t ngx_http_llmlimit_keys_alloc(
     ngx_http_llmlimit_keys_build_t *b);
+static void *ngx_http_llmlimit_keys_arena_alloc(
+    ngx_http_llmlimit_keys_shctx_t *sh, size_t size);
+static void ngx_http_llmlimit_keys_arena_free(
+    ngx_http_llmlimit_keys_shctx_t *sh, void *p);
 static void ngx_http_llmlimit_keys_fill(ngx_http_llmlimit_keys_build_t *b);
 static ngx_int_t ngx_http_llmlimit_keys_error(
     ngx_http_llmlimit_keys_build_t *b, ngx_uint_t line, const char *fmt, ...);
@@ -661,7 +678,7 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
                       "\"%s\", taking over", sh->loader, kcf->file.data);
 
         if (sh->pending) {
-            ngx_slab_free_locked(kcf->shpool, sh->pending);
+            ngx_http_llmlimit_keys_arena_free(sh, sh->pending);
             sh->pending = NULL;
         }
 
@@ -845,13 +862,13 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
         sh->load_time = ngx_time();
 
         if (old) {
-            ngx_slab_free_locked(kcf->shpool, old);
+            ngx_http_llmlimit_keys_arena_free(sh, old);
         }
 
     } else {
 
         if (b->table) {
-            ngx_slab_free_locked(kcf->shpool, b->table);
+            ngx_http_llmlimit_keys_arena_free(sh, b->table);
         }
 
         if (b->rc == NGX_ERROR) {
@@ -1816,7 +1833,7 @@ ngx_http_llmlimit_keys_alloc(ngx_http_llmlimit_keys_build_t *b)
 
     start = ngx_http_llmlimit_keys_clock();
 
-    p = ngx_slab_alloc_locked(kcf->shpool, b->size);
+    p = ngx_http_llmlimit_keys_arena_alloc(kcf->sh, b->size);
 
     if (p != NULL && kcf->sh->loader == ngx_pid) {
         /* freed by another worker if this one dies before publishing */
@@ -1838,6 +1855,79 @@ ngx_http_llmlimit_keys_alloc(ngx_http_llmlimit_keys_build_t *b)
     b->table = p;
 
     return NGX_OK;
+}
+
+
+/*
+ * The directories live in one arena that takes the whole zone, as at most
+ * a few blocks (the one in use, the one being built, a master's at a
+ * reload): allocating and freeing one walks this short list, where the
+ * slab allocator would walk a descriptor for each page of a block (some
+ * 20 000 for a million keys, a millisecond or two with the lock held,
+ * every request of every worker waiting).  Called with the mutex held.
+ */
+
+static void *
+ngx_http_llmlimit_keys_arena_alloc(ngx_http_llmlimit_keys_shctx_t *sh,
+    size_t size)
+{
+    size_t                           start;
+    ngx_uint_t                       i;
+    ngx_http_llmlimit_keys_block_t  *bl;
+
+    if (sh->nblocks == NGX_HTTP_LLMLIMIT_KEYS_BLOCKS) {
+        return NULL;
+    }
+
+    size = ngx_align(size, 64);
+    bl = sh->blocks;
+    start = 0;
+
+    /* the first gap that fits */
+
+    for (i = 0; i < sh->nblocks; i++) {
+        if (bl[i].off - start >= size) {
+            break;
+        }
+
+        start = bl[i].off + bl[i].size;
+    }
+
+    if (i == sh->nblocks && sh->arena_size - start < size) {
+        return NULL;
+    }
+
+    ngx_memmove(&bl[i + 1], &bl[i],
+                (sh->nblocks - i) * sizeof(ngx_http_llmlimit_keys_block_t));
+
+    bl[i].off = start;
+    bl[i].size = size;
+    sh->nblocks++;
+
+    return sh->arena + start;
+}
+
+
+static void
+ngx_http_llmlimit_keys_arena_free(ngx_http_llmlimit_keys_shctx_t *sh,
+    void *p)
+{
+    size_t                           off;
+    ngx_uint_t                       i;
+    ngx_http_llmlimit_keys_block_t  *bl;
+
+    off = (u_char *) p - sh->arena;
+    bl = sh->blocks;
+
+    for (i = 0; i < sh->nblocks; i++) {
+        if (bl[i].off == off) {
+            ngx_memmove(&bl[i], &bl[i + 1],
+                        (sh->nblocks - i - 1)
+                        * sizeof(ngx_http_llmlimit_keys_block_t));
+            sh->nblocks--;
+            return;
+        }
+    }
 }
 
 
@@ -2428,7 +2518,7 @@ ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     ngx_http_llmlimit_keys_conf_t  *okcf = data;
 
     size_t                           len;
-    ngx_uint_t                       same;
+    ngx_uint_t                       n, same;
     ngx_http_llmlimit_keys_conf_t   *kcf;
     ngx_http_llmlimit_keys_build_t  *b;
     ngx_http_llmlimit_keys_shctx_t  *sh;
@@ -2466,6 +2556,21 @@ ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
         /* a directory that does not fit is logged by the loader */
         kcf->shpool->log_nomem = 0;
+
+        /* the rest of the zone, one run of pages, is the arena */
+
+        for (n = kcf->shpool->pfree; n; n--) {
+            sh->arena = ngx_slab_alloc(kcf->shpool, n << ngx_pagesize_shift);
+            if (sh->arena) {
+                break;
+            }
+        }
+
+        if (sh->arena == NULL) {
+            return NGX_ERROR;
+        }
+
+        sh->arena_size = n << ngx_pagesize_shift;
     }
 
     b = kcf->image;
@@ -2588,7 +2693,7 @@ ngx_http_llmlimit_keys_exit_process(ngx_cycle_t *cycle)
         ngx_shmtx_lock(&kcf->shpool->mutex);
 
         if (b->table) {
-            ngx_slab_free_locked(kcf->shpool, b->table);
+            ngx_http_llmlimit_keys_arena_free(kcf->sh, b->table);
 
             if (kcf->sh->pending == b->table) {
                 kcf->sh->pending = NULL;
