@@ -58,7 +58,9 @@
 #define NGX_HTTP_LLMLIMIT_KEY_MAX_FIELD       255
 
 #define NGX_HTTP_LLMLIMIT_KEYS_MAX_SIZE       (512 * 1024 * 1024)
-#define NGX_HTTP_LLMLIMIT_KEYS_SLICE          256
+#define NGX_HTTP_LLMLIMIT_KEYS_SLICE          256     /* entries */
+#define NGX_HTTP_LLMLIMIT_KEYS_CHUNK          (4 * 1024 * 1024)
+#define NGX_HTTP_LLMLIMIT_KEYS_INDEX_SLICE    16384   /* keys */
 #define NGX_HTTP_LLMLIMIT_KEYS_STALE          600     /* seconds */
 #define NGX_HTTP_LLMLIMIT_KEYS_BLOCKS         4
 
@@ -144,6 +146,9 @@ typedef struct {
     ngx_http_llmlimit_keys_stat_t   stat;
 
     ngx_http_llmlimit_keys_buf_t    text;          /* the file */
+    ngx_fd_t                        fd;
+    size_t                          expect;        /* its size */
+    unsigned                        opened:1;
     u_char                         *pos;
     u_char                         *last;
     ngx_uint_t                      line;
@@ -159,8 +164,10 @@ typedef struct {
     ngx_uint_t                      nstrings;
     ngx_http_llmlimit_keys_buf_t    buckets;
     ngx_uint_t                      nkeys;
+    ngx_uint_t                      indexed;
     ngx_uint_t                      mask;
     size_t                          size;          /* of the block */
+    size_t                          copied;
     size_t                          peak;          /* process memory */
 
     ngx_http_llmlimit_keys_table_t *table;         /* the block */
@@ -248,7 +255,7 @@ static void ngx_http_llmlimit_keys_build_free(
 static ngx_int_t ngx_http_llmlimit_keys_run(ngx_http_llmlimit_keys_build_t *b,
     ngx_uint_t budget, ngx_uint_t until);
 static ngx_int_t ngx_http_llmlimit_keys_read(
-    ngx_http_llmlimit_keys_build_t *b);
+    ngx_http_llmlimit_keys_build_t *b, ngx_uint_t budget);
 static ngx_int_t ngx_http_llmlimit_keys_parse(
     ngx_http_llmlimit_keys_build_t *b, ngx_uint_t budget);
 static ngx_int_t ngx_http_llmlimit_keys_value(
@@ -259,14 +266,15 @@ static ngx_int_t ngx_http_llmlimit_keys_intern(
     ngx_http_llmlimit_keys_build_t *b, const u_char *s, size_t len,
     uint32_t *ref);
 static ngx_int_t ngx_http_llmlimit_keys_index(
-    ngx_http_llmlimit_keys_build_t *b);
+    ngx_http_llmlimit_keys_build_t *b, ngx_uint_t budget);
 static ngx_int_t ngx_http_llmlimit_keys_alloc(
     ngx_http_llmlimit_keys_build_t *b);
 static void *ngx_http_llmlimit_keys_arena_alloc(
     ngx_http_llmlimit_keys_shctx_t *sh, size_t size);
 static void ngx_http_llmlimit_keys_arena_free(
     ngx_http_llmlimit_keys_shctx_t *sh, void *p);
-static void ngx_http_llmlimit_keys_fill(ngx_http_llmlimit_keys_build_t *b);
+static ngx_int_t ngx_http_llmlimit_keys_fill(
+    ngx_http_llmlimit_keys_build_t *b, ngx_uint_t budget);
 static ngx_int_t ngx_http_llmlimit_keys_error(
     ngx_http_llmlimit_keys_build_t *b, ngx_uint_t line, const char *fmt, ...);
 static void ngx_http_llmlimit_keys_advance(ngx_http_llmlimit_keys_build_t *b,
@@ -790,10 +798,9 @@ ngx_http_llmlimit_keys_thread_done(ngx_event_t *ev)
 
 
 /*
- * Without threads: a slice of the work per event-loop turn.  Reading the
- * file, indexing and copying run in one slice each (about a tenth of a
- * microsecond a key); parsing, the bulk, NGX_HTTP_LLMLIMIT_KEYS_SLICE
- * entries at a time.
+ * Without threads: a slice of the work a millisecond: 4 MB of the file
+ * read or copied, NGX_HTTP_LLMLIMIT_KEYS_SLICE entries parsed, or
+ * NGX_HTTP_LLMLIMIT_KEYS_INDEX_SLICE keys indexed.
  */
 
 static void
@@ -966,6 +973,10 @@ ngx_http_llmlimit_keys_build_create(ngx_http_llmlimit_keys_conf_t *kcf)
 static void
 ngx_http_llmlimit_keys_build_free(ngx_http_llmlimit_keys_build_t *b)
 {
+    if (b->opened) {
+        (void) ngx_close_file(b->fd);
+    }
+
     ngx_http_llmlimit_keys_buf_free(&b->text);
     ngx_http_llmlimit_keys_buf_free(&b->keys);
     ngx_http_llmlimit_keys_buf_free(&b->lines);
@@ -994,8 +1005,10 @@ ngx_http_llmlimit_keys_build_free(ngx_http_llmlimit_keys_build_t *b)
 
 
 /*
- * Runs the phases of a load up to "until"; budget: at most so many
- * entries parsed (0: no limit), then NGX_AGAIN.  Returns b->rc otherwise.
+ * Runs the phases of a load up to "until".  With a budget (slices), each
+ * call does a bounded part of one phase (so many entries parsed, a chunk
+ * read or copied, a slice of keys indexed) and returns NGX_AGAIN until
+ * the load is done; without (0), everything.  Returns b->rc otherwise.
  */
 
 static ngx_int_t
@@ -1012,7 +1025,7 @@ ngx_http_llmlimit_keys_run(ngx_http_llmlimit_keys_build_t *b,
         switch (b->phase) {
 
         case NGX_HTTP_LLMLIMIT_KEYS_READ:
-            rc = ngx_http_llmlimit_keys_read(b);
+            rc = ngx_http_llmlimit_keys_read(b, budget);
             break;
 
         case NGX_HTTP_LLMLIMIT_KEYS_PARSE:
@@ -1020,13 +1033,18 @@ ngx_http_llmlimit_keys_run(ngx_http_llmlimit_keys_build_t *b,
             break;
 
         case NGX_HTTP_LLMLIMIT_KEYS_INDEX:
-            rc = ngx_http_llmlimit_keys_index(b);
+            rc = ngx_http_llmlimit_keys_index(b, budget);
             break;
 
         default: /* NGX_HTTP_LLMLIMIT_KEYS_COPY */
-            rc = ngx_http_llmlimit_keys_alloc(b);
+            rc = NGX_OK;
+
+            if (b->table == NULL) {
+                rc = ngx_http_llmlimit_keys_alloc(b);
+            }
+
             if (rc == NGX_OK) {
-                ngx_http_llmlimit_keys_fill(b);
+                rc = ngx_http_llmlimit_keys_fill(b, budget);
             }
 
             break;
@@ -1065,64 +1083,77 @@ ngx_http_llmlimit_keys_run(ngx_http_llmlimit_keys_build_t *b,
  */
 
 static ngx_int_t
-ngx_http_llmlimit_keys_read(ngx_http_llmlimit_keys_build_t *b)
+ngx_http_llmlimit_keys_read(ngx_http_llmlimit_keys_build_t *b,
+    ngx_uint_t budget)
 {
     u_char                         *name, *p;
     off_t                           size;
+    size_t                          chunk;
     ssize_t                         n;
-    ngx_fd_t                        fd;
     ngx_err_t                       err;
     ngx_int_t                       rc;
     ngx_file_info_t                 fi;
     ngx_http_llmlimit_keys_stat_t   st;
     u_char                          errstr[NGX_MAX_ERROR_STR];
 
-    name = b->conf->file.data;
+    if (!b->opened) {
+        name = b->conf->file.data;
 
-    fd = ngx_open_file(name, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+        b->fd = ngx_open_file(name, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
 
-    if (fd == NGX_INVALID_FILE) {
-        err = ngx_errno;
-        p = ngx_strerror(err, errstr, sizeof(errstr));
-        return ngx_http_llmlimit_keys_error(b, 0, ngx_open_file_n
-                                            " failed (%d: %*s)", err,
-                                            p - errstr, errstr);
+        if (b->fd == NGX_INVALID_FILE) {
+            err = ngx_errno;
+            p = ngx_strerror(err, errstr, sizeof(errstr));
+            return ngx_http_llmlimit_keys_error(b, 0, ngx_open_file_n
+                                                " failed (%d: %*s)", err,
+                                                p - errstr, errstr);
+        }
+
+        b->opened = 1;
+
+        if (ngx_fd_info(b->fd, &fi) == NGX_FILE_ERROR) {
+            err = ngx_errno;
+            p = ngx_strerror(err, errstr, sizeof(errstr));
+            rc = ngx_http_llmlimit_keys_error(b, 0, ngx_fd_info_n
+                                              " failed (%d: %*s)", err,
+                                              p - errstr, errstr);
+            goto done;
+        }
+
+        ngx_http_llmlimit_keys_file_stat(&fi, &b->stat);
+
+        if (!ngx_is_file(&fi)) {
+            rc = ngx_http_llmlimit_keys_error(b, 0, "not a regular file");
+            goto done;
+        }
+
+        size = ngx_file_size(&fi);
+
+        if (size > b->conf->max_size) {
+            rc = ngx_http_llmlimit_keys_error(b, 0, "the file is %O bytes, "
+                                              "more than max_size=%O", size,
+                                              b->conf->max_size);
+            goto done;
+        }
+
+        b->expect = (size_t) size;
+
+        if (ngx_http_llmlimit_keys_buf_reserve(&b->text, b->expect + 1)
+            != NGX_OK)
+        {
+            rc = ngx_http_llmlimit_keys_error(b, 0, "out of memory");
+            goto done;
+        }
     }
 
-    if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR) {
-        err = ngx_errno;
-        p = ngx_strerror(err, errstr, sizeof(errstr));
-        rc = ngx_http_llmlimit_keys_error(b, 0, ngx_fd_info_n
-                                          " failed (%d: %*s)", err,
-                                          p - errstr, errstr);
-        goto done;
-    }
+    while (b->text.len < b->expect) {
+        chunk = b->expect - b->text.len;
 
-    ngx_http_llmlimit_keys_file_stat(&fi, &b->stat);
+        if (budget && chunk > NGX_HTTP_LLMLIMIT_KEYS_CHUNK) {
+            chunk = NGX_HTTP_LLMLIMIT_KEYS_CHUNK;
+        }
 
-    if (!ngx_is_file(&fi)) {
-        rc = ngx_http_llmlimit_keys_error(b, 0, "not a regular file");
-        goto done;
-    }
-
-    size = ngx_file_size(&fi);
-
-    if (size > b->conf->max_size) {
-        rc = ngx_http_llmlimit_keys_error(b, 0, "the file is %O bytes, "
-                                          "more than max_size=%O", size,
-                                          b->conf->max_size);
-        goto done;
-    }
-
-    if (ngx_http_llmlimit_keys_buf_reserve(&b->text, (size_t) size + 1)
-        != NGX_OK)
-    {
-        rc = ngx_http_llmlimit_keys_error(b, 0, "out of memory");
-        goto done;
-    }
-
-    while (b->text.len < (size_t) size) {
-        n = read(fd, b->text.data + b->text.len, (size_t) size - b->text.len);
+        n = read(b->fd, b->text.data + b->text.len, chunk);
 
         if (n == -1) {
             err = ngx_errno;
@@ -1142,17 +1173,21 @@ ngx_http_llmlimit_keys_read(ngx_http_llmlimit_keys_build_t *b)
         }
 
         b->text.len += n;
+
+        if (budget && b->text.len < b->expect) {
+            return NGX_AGAIN;
+        }
     }
 
     /* still the file it was when it was opened? */
 
     ngx_memzero(&st, sizeof(ngx_http_llmlimit_keys_stat_t));
 
-    if (ngx_fd_info(fd, &fi) != NGX_FILE_ERROR) {
+    if (ngx_fd_info(b->fd, &fi) != NGX_FILE_ERROR) {
         ngx_http_llmlimit_keys_file_stat(&fi, &st);
     }
 
-    if (b->text.len != (size_t) size
+    if (b->text.len != b->expect
         || !ngx_http_llmlimit_keys_same(&st, &b->stat))
     {
         (void) ngx_http_llmlimit_keys_error(b, 0, "the file changed while "
@@ -1187,7 +1222,8 @@ ngx_http_llmlimit_keys_read(ngx_http_llmlimit_keys_build_t *b)
 
 done:
 
-    (void) ngx_close_file(fd);
+    (void) ngx_close_file(b->fd);
+    b->opened = 0;
 
     return rc;
 }
@@ -1749,41 +1785,52 @@ ngx_http_llmlimit_keys_intern(ngx_http_llmlimit_keys_build_t *b,
  */
 
 static ngx_int_t
-ngx_http_llmlimit_keys_index(ngx_http_llmlimit_keys_build_t *b)
+ngx_http_llmlimit_keys_index(ngx_http_llmlimit_keys_build_t *b,
+    ngx_uint_t budget)
 {
     uint32_t                 *slots, *lines, h;
-    ngx_uint_t                i, j, n, mask;
+    ngx_uint_t                i, j, n, last;
     ngx_http_llmlimit_key_t  *keys;
 
-    for (n = 16; n < 2 * b->nkeys; n *= 2) { /* void */ }
+    if (b->indexed == 0) {
+        for (n = 16; n < 2 * b->nkeys; n *= 2) { /* void */ }
 
-    if (ngx_http_llmlimit_keys_buf_reserve(&b->buckets, n * sizeof(uint32_t))
-        != NGX_OK)
-    {
-        return ngx_http_llmlimit_keys_error(b, 0, "out of memory");
-    }
-
-    b->buckets.len = n * sizeof(uint32_t);
-    ngx_memzero(b->buckets.data, b->buckets.len);
-
-    if (b->strings.len == 0) {
-        if (ngx_http_llmlimit_keys_buf_reserve(&b->strings, 1) != NGX_OK) {
+        if (ngx_http_llmlimit_keys_buf_reserve(&b->buckets,
+                                               n * sizeof(uint32_t))
+            != NGX_OK)
+        {
             return ngx_http_llmlimit_keys_error(b, 0, "out of memory");
         }
 
-        b->strings.data[0] = 0;
-        b->strings.len = 1;
+        /* fresh pages are zeroes */
+        b->buckets.len = n * sizeof(uint32_t);
+        b->mask = n - 1;
+
+        if (b->strings.len == 0) {
+            if (ngx_http_llmlimit_keys_buf_reserve(&b->strings, 1) != NGX_OK)
+            {
+                return ngx_http_llmlimit_keys_error(b, 0, "out of memory");
+            }
+
+            b->strings.data[0] = 0;
+            b->strings.len = 1;
+        }
     }
 
     slots = (uint32_t *) b->buckets.data;
     keys = (ngx_http_llmlimit_key_t *) b->keys.data;
     lines = (uint32_t *) b->lines.data;
-    mask = n - 1;
 
-    for (i = 0; i < b->nkeys; i++) {
+    last = b->nkeys;
+
+    if (budget && last - b->indexed > NGX_HTTP_LLMLIMIT_KEYS_INDEX_SLICE) {
+        last = b->indexed + NGX_HTTP_LLMLIMIT_KEYS_INDEX_SLICE;
+    }
+
+    for (i = b->indexed; i < last; i++) {
         ngx_memcpy(&h, keys[i].digest, sizeof(uint32_t));
 
-        for (j = h & mask; slots[j]; j = (j + 1) & mask) {
+        for (j = h & b->mask; slots[j]; j = (j + 1) & b->mask) {
             if (ngx_memcmp(keys[slots[j] - 1].digest, keys[i].digest, 32)
                 == 0)
             {
@@ -1796,7 +1843,11 @@ ngx_http_llmlimit_keys_index(ngx_http_llmlimit_keys_build_t *b)
         slots[j] = (uint32_t) (i + 1);
     }
 
-    b->mask = mask;
+    b->indexed = last;
+
+    if (last < b->nkeys) {
+        return NGX_AGAIN;
+    }
 
     b->size = ngx_align(sizeof(ngx_http_llmlimit_keys_table_t), 8)
               + ngx_align(b->buckets.len, 8)
@@ -1931,30 +1982,60 @@ ngx_http_llmlimit_keys_arena_free(ngx_http_llmlimit_keys_shctx_t *sh,
 }
 
 
-static void
-ngx_http_llmlimit_keys_fill(ngx_http_llmlimit_keys_build_t *b)
+static ngx_int_t
+ngx_http_llmlimit_keys_fill(ngx_http_llmlimit_keys_build_t *b,
+    ngx_uint_t budget)
 {
-    u_char                          *p;
+    size_t                           n, left, off;
+    ngx_uint_t                       i;
+    ngx_http_llmlimit_keys_buf_t    *src[3];
     ngx_http_llmlimit_keys_table_t  *t;
+    size_t                           at[3];
 
     t = b->table;
-    p = (u_char *) t;
 
-    t->size = b->size;
-    t->nkeys = b->nkeys;
-    t->mask = b->mask;
+    at[0] = ngx_align(sizeof(ngx_http_llmlimit_keys_table_t), 8);
+    at[1] = at[0] + ngx_align(b->buckets.len, 8);
+    at[2] = at[1] + ngx_align(b->keys.len, 8);
 
-    p += ngx_align(sizeof(ngx_http_llmlimit_keys_table_t), 8);
-    t->buckets = (uint32_t *) p;
-    ngx_memcpy(p, b->buckets.data, b->buckets.len);
+    src[0] = &b->buckets;
+    src[1] = &b->keys;
+    src[2] = &b->strings;
 
-    p += ngx_align(b->buckets.len, 8);
-    t->keys = (ngx_http_llmlimit_key_t *) p;
-    ngx_memcpy(p, b->keys.data, b->keys.len);
+    if (b->copied == 0) {
+        t->size = b->size;
+        t->nkeys = b->nkeys;
+        t->mask = b->mask;
+        t->buckets = (uint32_t *) ((u_char *) t + at[0]);
+        t->keys = (ngx_http_llmlimit_key_t *) ((u_char *) t + at[1]);
+        t->strings = (u_char *) t + at[2];
+    }
 
-    p += ngx_align(b->keys.len, 8);
-    t->strings = p;
-    ngx_memcpy(p, b->strings.data, b->strings.len);
+    /* the three arrays, one after the other, a chunk a slice */
+
+    left = budget ? NGX_HTTP_LLMLIMIT_KEYS_CHUNK : (size_t) -1;
+    off = b->copied;
+
+    for (i = 0; i < 3 && left; i++) {
+        if (off >= src[i]->len) {
+            off -= src[i]->len;
+            continue;
+        }
+
+        n = ngx_min(src[i]->len - off, left);
+
+        ngx_memcpy((u_char *) t + at[i] + off, src[i]->data + off, n);
+
+        b->copied += n;
+        left -= n;
+        off = 0;
+    }
+
+    if (b->copied < b->buckets.len + b->keys.len + b->strings.len) {
+        return NGX_AGAIN;
+    }
+
+    return NGX_OK;
 }
 
 
