@@ -21,9 +21,9 @@
  *
  * A new directory is built off to the side: the file is read and parsed
  * one key at a time (one json_loadb() per entry, so that jansson holds
- * one entry, not a million), indexed, and copied into a new block
- * that no reader can see yet.  It is then published with one pointer
- * store under the mutex, and the old block is freed.  At start the master
+ * one entry, not a million), indexed, and copied into a new block that
+ * no reader can see yet.  It is then published with one pointer store
+ * under the mutex, and the old block is freed.  At start the master
  * process parses the file while reading the configuration (so that
  * "nginx -t" fails on a bad file) and installs it when the zone is
  * created; later every worker checks the file's identity (device, inode,
@@ -31,9 +31,9 @@
  * zone) loads a changed file in a thread of a thread pool, so that its
  * event loop only posts the task and, at the end, swaps the pointer.
  * Without threads (thread_pool=off, or nginx built without them) the
- * parse runs in slices of NGX_HTTP_LLMLIMIT_KEYS_SLICE entries between
- * events.  A file that does not load is remembered in the zone by its
- * identity, so that its error is logged once, not at every check.
+ * load runs in slices of about a millisecond between events.  A file
+ * that does not load is remembered in the zone by its identity, so that
+ * its error is logged once, not at every check.
  */
 
 
