@@ -117,6 +117,7 @@ typedef struct {
     void                           *pending;       /* its block */
     ngx_uint_t                      generation;
     time_t                          load_time;     /* of table */
+    ngx_uint_t                      epoch;         /* of the configuration */
 
     u_char                         *arena;         /* for the blocks */
     size_t                          arena_size;
@@ -206,6 +207,7 @@ struct ngx_http_llmlimit_keys_conf_s {
     ngx_slab_pool_t                *shpool;
     ngx_http_llmlimit_keys_shctx_t *sh;
 
+    ngx_uint_t                      epoch;         /* sh->epoch of mine */
     ngx_http_llmlimit_keys_build_t *image;         /* read at start */
     ngx_http_llmlimit_keys_build_t *build;         /* a load under way */
 
@@ -668,6 +670,12 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 
     ngx_shmtx_lock(&kcf->shpool->mutex);
 
+    if (kcf->epoch != sh->epoch) {
+        /* a reload of nginx gave the zone to a newer configuration */
+        ngx_shmtx_unlock(&kcf->shpool->mutex);
+        return;
+    }
+
     if (sh->loader) {
 
         if (sh->loader == ngx_pid
@@ -859,6 +867,11 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
     ngx_shmtx_lock(&kcf->shpool->mutex);
 
     start = ngx_http_llmlimit_keys_clock();
+
+    if (b->rc == NGX_OK && kcf->epoch != sh->epoch) {
+        /* loaded for a configuration that a reload of nginx replaced */
+        b->rc = NGX_ABORT;
+    }
 
     if (b->rc == NGX_OK) {
         old = sh->table;
@@ -2660,7 +2673,15 @@ ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_OK;
     }
 
+    /*
+     * The workers of the configuration before a reload neither check nor
+     * publish any more, even before they are told to exit: their file may
+     * no longer be this one.
+     */
+
     ngx_shmtx_lock(&kcf->shpool->mutex);
+
+    kcf->epoch = ++kcf->sh->epoch;
 
     same = (kcf->sh->table
             && ngx_http_llmlimit_keys_same(&b->stat, &kcf->sh->loaded));

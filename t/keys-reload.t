@@ -243,6 +243,39 @@ for my $mode ([ 'a thread', '' ], [ 'slices (thread_pool=off)', 'thread_pool=off
 }
 
 
+# --- nginx -s reload to another file while the old one loads --------------------
+
+{
+    my $old = keys_file('old');
+    my $new = keys_file('new');
+
+    write_keys($old, [ { key => 'k-a', plan => 'old' },
+                       many(20000, 'o-', plan => 'old') ]);
+    write_keys($new, [ { key => 'k-a', plan => 'new' },
+                       many(20000, 'n-', plan => 'new') ]);
+
+    # slices: the old workers' load of a changed file takes a while
+    my $t = LLMLimit::Test->new(http => http_conf($old, 'thread_pool=off'),
+                                config => $SERVER, workers => 2)->start;
+
+    write_keys($old, [ { key => 'k-a', plan => 'old2' },
+                       many(20000, 'o-', plan => 'old2') ]);
+    sleep 0.25;
+
+    ok($t->reload(http => http_conf($new, 'thread_pool=off')),
+       'reloaded with another file, the zone kept (same size)');
+
+    my $c = $t->conn(from => '127.0.0.30');
+    is(ask($c, 'k-a'), "[1][new][]\n", 'the new file');
+    sleep 1.5;
+    is(ask($c, 'k-a'), "[1][new][]\n",
+       'and no load of the old file replaced it');
+    is(ask($c, 'o-5'), "[][][]\n", 'nothing of the old file');
+
+    $t->stop;
+}
+
+
 # --- a worker killed while it loads ---------------------------------------------
 
 {
