@@ -118,9 +118,11 @@ run: deps build
 	mkdir -p $(RUN_DIR)/logs $(RUN_DIR)/temp
 	sed -e 's|^\([[:space:]]*load_module[[:space:]]\{1,\}\).*ngx_http_llmlimit_module\.so;|\1$(MODULE);|' \
 	    conf.example > $(RUN_DIR)/nginx.conf
+	cp keys.example.json $(RUN_DIR)/keys.example.json
 	$(NGINX) -q -t -p $(RUN_DIR)/ -c $(RUN_DIR)/nginx.conf
 	@echo "llmlimit: http://127.0.0.1:8080 (LangSmith table)," \
-	      "http://127.0.0.1:8082 (Langbase plans)," \
+	      "http://127.0.0.1:8082 (Langbase plans, keys.example.json)," \
+	      "http://127.0.0.1:8083 (auth_request)," \
 	      "backend http://127.0.0.1:8081; logs in $(RUN_DIR)/logs; Ctrl-C stops"
 	exec $(NGINX) -p $(RUN_DIR)/ -c $(RUN_DIR)/nginx.conf -g 'daemon off;'
 

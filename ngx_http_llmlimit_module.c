@@ -10,6 +10,7 @@
 typedef struct {
     ngx_array_t                     zones;     /* ngx_http_llmlimit_zone_t * */
     ngx_array_t                     tables;    /* ngx_http_llmlimit_table_t * */
+    ngx_uint_t                      phase_access;  /* some "access" */
 } ngx_http_llmlimit_main_conf_t;
 
 
@@ -34,6 +35,8 @@ typedef struct {
 } ngx_http_llmlimit_table_decl_t;
 
 
+static ngx_int_t ngx_http_llmlimit_preaccess_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_llmlimit_precontent_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_llmlimit_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_llmlimit_classify(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
@@ -78,6 +81,8 @@ static char *ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_llmlimit_log_limit(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_llmlimit_phase(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_http_llmlimit_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_init_module(ngx_cycle_t *cycle);
@@ -109,6 +114,13 @@ static ngx_conf_enum_t  ngx_http_llmlimit_log_levels[] = {
     { ngx_string("notice"), NGX_LOG_NOTICE },
     { ngx_string("warn"), NGX_LOG_WARN },
     { ngx_string("error"), NGX_LOG_ERR },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_enum_t  ngx_http_llmlimit_phases[] = {
+    { ngx_string("preaccess"), NGX_HTTP_LLMLIMIT_PHASE_PREACCESS },
+    { ngx_string("access"), NGX_HTTP_LLMLIMIT_PHASE_ACCESS },
     { ngx_null_string, 0 }
 };
 
@@ -175,6 +187,13 @@ static ngx_command_t  ngx_http_llmlimit_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
+
+    { ngx_string("llmlimit_phase"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_llmlimit_phase,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llmlimit_loc_conf_t, phase),
+      &ngx_http_llmlimit_phases },
 
       ngx_null_command
 };
@@ -254,6 +273,57 @@ static ngx_str_t  ngx_http_llmlimit_status_names[] = {
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+
+
+/*
+ * llmlimit_phase: the same handler in one of two phases, each acting
+ * only where the location asks for it.
+ *
+ * "preaccess" is limit_req's place: before access control, so that a
+ * flood is refused before it costs an auth_request subrequest.
+ *
+ * "access" runs in the precontent phase, the first after access
+ * control: auth_request, auth_basic, allow/deny have all run, under
+ * "satisfy any" as under "all" (ngx_http_core_post_access_phase has
+ * refused the request if they did not let it through, and a refused
+ * request never gets here, so it is never counted), and what they set
+ * (auth_request_set) is there for KEY and plan=.  A handler of the
+ * access phase itself would not do: the access phase is skipped as soon
+ * as one handler allows the request under "satisfy any", and handlers of
+ * a module loaded last run first in it.  In the precontent phase this
+ * handler, registered after try_files and mirror, runs before them, so a
+ * request is counted before try_files redirects it, and a rejected one
+ * is not mirrored.  Subrequests are declined in both phases.
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_preaccess_handler(ngx_http_request_t *r)
+{
+    ngx_http_llmlimit_loc_conf_t  *llcf;
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_llmlimit_module);
+
+    if (llcf->phase != NGX_HTTP_LLMLIMIT_PHASE_PREACCESS) {
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_llmlimit_handler(r);
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_precontent_handler(ngx_http_request_t *r)
+{
+    ngx_http_llmlimit_loc_conf_t  *llcf;
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_llmlimit_module);
+
+    if (llcf->phase != NGX_HTTP_LLMLIMIT_PHASE_ACCESS) {
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_llmlimit_handler(r);
+}
 
 
 static ngx_int_t
@@ -1023,6 +1093,7 @@ ngx_http_llmlimit_create_loc_conf(ngx_conf_t *cf)
     conf->log_limit = NGX_CONF_UNSET_UINT;
     conf->headers = NGX_CONF_UNSET_UINT;
     conf->reset_epoch = NGX_CONF_UNSET_UINT;
+    conf->phase = NGX_CONF_UNSET_UINT;
 
     return conf;
 }
@@ -1040,6 +1111,8 @@ ngx_http_llmlimit_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->dry_run, prev->dry_run, 0);
     ngx_conf_merge_uint_value(conf->log_level, prev->log_level, NGX_LOG_ERR);
     ngx_conf_merge_uint_value(conf->log_limit, prev->log_limit, 100);
+    ngx_conf_merge_uint_value(conf->phase, prev->phase,
+                              NGX_HTTP_LLMLIMIT_PHASE_PREACCESS);
 
     if (conf->headers == NGX_CONF_UNSET_UINT) {
         conf->headers = prev->headers;
@@ -1528,6 +1601,30 @@ ngx_http_llmlimit_log_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 
 static char *
+ngx_http_llmlimit_phase(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llmlimit_loc_conf_t *llcf = conf;
+
+    char                           *rv;
+    ngx_http_llmlimit_main_conf_t  *lmcf;
+
+    rv = ngx_conf_set_enum_slot(cf, cmd, conf);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    if (llcf->phase == NGX_HTTP_LLMLIMIT_PHASE_ACCESS) {
+        /* the precontent handler is registered only if it has work */
+        lmcf = ngx_http_conf_get_module_main_conf(cf,
+                                                  ngx_http_llmlimit_module);
+        lmcf->phase_access = 1;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
 ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_llmlimit_loc_conf_t *llcf = conf;
@@ -1698,7 +1795,16 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    *h = ngx_http_llmlimit_handler;
+    *h = ngx_http_llmlimit_preaccess_handler;
+
+    if (lmcf->phase_access) {
+        h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+        if (h == NULL) {
+            return NGX_ERROR;
+        }
+
+        *h = ngx_http_llmlimit_precontent_handler;
+    }
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;
     ngx_http_top_header_filter = ngx_http_llmlimit_header_filter;

@@ -210,6 +210,7 @@ struct ngx_http_llmlimit_store_s {
 
 
 extern ngx_module_t                     ngx_http_llmlimit_module;
+extern ngx_module_t                     ngx_http_llmlimit_keys_module;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_shm_store;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_redis_store;
 
@@ -276,6 +277,10 @@ void ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
 #define NGX_HTTP_LLMLIMIT_HEADERS_X       0x01
 #define NGX_HTTP_LLMLIMIT_HEADERS_IETF    0x02
 
+/* llmlimit_phase */
+#define NGX_HTTP_LLMLIMIT_PHASE_PREACCESS 0
+#define NGX_HTTP_LLMLIMIT_PHASE_ACCESS    1
+
 typedef struct {
     ngx_array_t                    *tables;        /* table_t *; NULL: off */
     ngx_uint_t                      status_code;
@@ -287,6 +292,7 @@ typedef struct {
     ngx_str_t                       header_limit;
     ngx_str_t                       header_remaining;
     ngx_str_t                       header_reset;
+    ngx_uint_t                      phase;         /* llmlimit_phase */
 } ngx_http_llmlimit_loc_conf_t;
 
 

@@ -108,6 +108,13 @@ sub new {
         %o,
     }, $class;
 
+    # %%PORT3%% in the configuration needs nports >= 2
+    for my $part (grep { defined } @{$self}{qw(conf main http config servers)}) {
+        while ($part =~ /%%PORT(\d+)%%/g) {
+            $self->{nports} = $1 - 1 if $1 - 1 > $self->{nports};
+        }
+    }
+
     $self->{prefix} = tempdir('llmlimit-t-XXXXXX', TMPDIR => 1,
                               CLEANUP => 0);
     chmod 0755, $self->{prefix};    # workers run as nobody
@@ -618,9 +625,10 @@ sub slurp {
 # ---------------------------------------------------------------------------
 # conf.example
 
-# conf.example as a harness configuration: the module built here, its three
-# ports (8080, 8081, 8082) replaced by %%PORT%%, %%BACKEND_PORT%%, %%PORT2%%
-# (so new() needs nports => 1).
+# conf.example as a harness configuration: the module built here, its
+# ports (8080, 8081, 8082, 8083) replaced by %%PORT%%, %%BACKEND_PORT%%,
+# %%PORT2%%, %%PORT3%% (new() makes the ports the placeholders name), its
+# key directory read from the repository.
 sub conf_example {
     my $text = slurp("$ROOT/conf.example") // croak "conf.example: $!";
 
@@ -630,6 +638,9 @@ sub conf_example {
     $text =~ s/127\.0\.0\.1:8080\b/127.0.0.1:%%PORT%%/g;
     $text =~ s/127\.0\.0\.1:8081\b/127.0.0.1:%%BACKEND_PORT%%/g;
     $text =~ s/127\.0\.0\.1:8082\b/127.0.0.1:%%PORT2%%/g;
+    $text =~ s/127\.0\.0\.1:8083\b/127.0.0.1:%%PORT3%%/g;
+    $text =~ s{^(\s*llmlimit_keys\s+)(keys\.example\.json)\b}
+              {$1%%ROOT%%/$2}m;
 
     return $text;
 }
