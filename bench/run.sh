@@ -105,7 +105,8 @@ port_free() {
 
 # The LangSmith table: conf.example's llmlimit_rules block that holds the
 # "Run query" rows, or bench/langsmith.rules; renamed to "langsmith" on zone
-# "bench".  $1: limits: "raised" (x100000, every request passes), "one"
+# "bench".  $1: limits: "raised" (x100000 up to the largest COUNT, every
+# request passes), "one"
 # (1/1d: every request past the first per counter is rejected), "table".
 langsmith_table() {
     local src=$BENCH/langsmith.rules
@@ -135,7 +136,9 @@ langsmith_table() {
         s/\@ZONE\@/bench/g;
         next if /^\s*llmlimit_rules/;
         if ($mode eq "raised") {
-            s{(?<![\w.])(\d+)/(\d+[a-z]*)}{${1}00000/$2}g;
+            # x100000, within the largest COUNT (2^29 - 1)
+            s{(?<![\w.])(\d+)/(\d+[a-z]*)}
+             {($1 * 100000 > 536870911 ? 536870911 : $1 * 100000) . "/$2"}ge;
         } elsif ($mode eq "one") {
             s{(?<![\w.])(\d+)/(\d+[a-z]*)}{1/1d}g;
         }
@@ -703,7 +706,13 @@ callgrind() {
 
         dir=$RUN/cg-$scn
         write_conf "$scn" callgrind "$dir"
-        "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" 2>/dev/null || continue
+        if ! "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" \
+                2> "$dir/test.log"
+        then
+            note "callgrind $scn skipped: nginx -t failed:" \
+                 "$(grep emerg "$dir/test.log" | head -1)"
+            continue
+        fi
 
         taskset -c "$NGINX_CPU" valgrind --tool=callgrind \
             --callgrind-out-file="$dir/callgrind.out" \
