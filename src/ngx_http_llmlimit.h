@@ -180,6 +180,7 @@ struct ngx_http_llmlimit_batch_s {
     void                           *data;          /* store's own; NULL:
                                                       nothing owed */
     int64_t                         time;          /* of the remote count */
+    int64_t                         local_time;    /* of the local count */
     unsigned                        local:1;       /* counted in shm */
     unsigned                        remote:1;      /* counted in Redis */
     unsigned                        kept:1;        /* the request passed */
@@ -244,7 +245,7 @@ ngx_int_t ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
 void ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
 void ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
-    ngx_http_llmlimit_counter_t *c, int64_t now);
+    ngx_http_llmlimit_counter_t *c, int64_t counted);
 int64_t ngx_http_llmlimit_algo_expires(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c);
 int64_t ngx_http_llmlimit_now(void);

@@ -124,13 +124,14 @@ ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
 
 
 /*
- * takes back what count() did, for a request that another zone rejected
- * right after; a window that has rolled meanwhile is left as it is
+ * takes back what count() did at "counted", for a request that another
+ * zone rejected after; a window that has rolled since is left as it is
+ * (the count is no longer in "cur")
  */
 
 void
 ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
-    ngx_http_llmlimit_counter_t *c, int64_t now)
+    ngx_http_llmlimit_counter_t *c, int64_t counted)
 {
     int64_t  T;
 
@@ -142,7 +143,7 @@ ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
         break;
 
     default: /* NGX_HTTP_LLMLIMIT_FIXED, NGX_HTTP_LLMLIMIT_SLIDING */
-        if (st->t >= now - now % (int64_t) c->period && st->cur > 0) {
+        if (st->t == counted - counted % (int64_t) c->period && st->cur > 0) {
             st->cur--;
         }
         break;

@@ -30,8 +30,8 @@
  *
  * A refund entry takes back one count, as algo_refund(): GCRA moves the
  * TAT back by one emission interval (no further than now); fixed and
- * sliding take one off the current window if it is still the window the
- * count went into.
+ * sliding take one off the window the count went into if the counter has
+ * not moved on from it since (the count is still in "cur").
  *
  * Returns { now, then request after request status, rejected_1,
  * remaining_1, reset_1, retry_1, ... }: Redis' time in ms (one TIME for
@@ -149,7 +149,7 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "      s.t = max(s.t - T, now * 1000)\n"
 "      back = true\n"
 "    end\n"
-"  elseif s.cur > 0 and s.t == tc - tc % P and s.t == now - now % P then\n"
+"  elseif s.cur > 0 and s.t == tc - tc % P then\n"
 "    s.cur = s.cur - 1\n"
 "    back = true\n"
 "  end\n"

@@ -160,6 +160,8 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
     }
 
     if (rc == NGX_OK) {
+        b->local_time = now;
+
         for (i = 0; i < b->n; i++) {
             c = &b->counters[i];
 
@@ -214,7 +216,6 @@ void
 ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b)
 {
-    int64_t                       now;
     uint64_t                      k[2];
     ngx_uint_t                    i;
     ngx_rbtree_node_t            *node;
@@ -222,7 +223,6 @@ ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_counter_t  *c;
 
     zone = b->zone;
-    now = ngx_http_llmlimit_now();
 
     ngx_shmtx_lock(&zone->shpool->mutex);
 
@@ -235,7 +235,7 @@ ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
                                             k[1]);
         if (node != NULL) {
             ngx_http_llmlimit_algo_refund(&ngx_http_llmlimit_node(node)->state,
-                                          c, now);
+                                          c, b->local_time);
         }
     }
 
