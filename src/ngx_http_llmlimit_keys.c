@@ -307,6 +307,7 @@ static char *ngx_http_llmlimit_key(ngx_conf_t *cf, ngx_command_t *cmd,
 static void ngx_http_llmlimit_keys_image_cleanup(void *data);
 static ngx_int_t ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static ngx_int_t ngx_http_llmlimit_keys_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_llmlimit_keys_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_keys_init_process(ngx_cycle_t *cycle);
 static void ngx_http_llmlimit_keys_exit_process(ngx_cycle_t *cycle);
@@ -353,7 +354,7 @@ ngx_module_t  ngx_http_llmlimit_keys_module = {
     ngx_http_llmlimit_keys_commands,       /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
+    ngx_http_llmlimit_keys_init_module,    /* init module */
     ngx_http_llmlimit_keys_init_process,   /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
@@ -2600,10 +2601,13 @@ ngx_http_llmlimit_keys_image_cleanup(void *data)
 
 
 /*
- * A new zone gets the directory read with the configuration; a zone kept
- * over a reload (same size) gets it too unless it already holds that
- * version of the file.  Old workers may be reading it meanwhile: the
- * usual swap under the mutex.
+ * A new zone gets the directory read with the configuration.  A zone kept
+ * over a reload (same size) is still the old workers' until the new
+ * configuration is committed: a reload can fail after the zones were
+ * initialised (bind() on a new "listen", say), and the old configuration
+ * then goes on as it was.  The directory is only checked to fit here; it
+ * is copied and published, and the epoch raised, by
+ * ngx_http_llmlimit_keys_init_module(), past the point of no return.
  */
 
 static ngx_int_t
@@ -2611,8 +2615,8 @@ ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_llmlimit_keys_conf_t  *okcf = data;
 
-    size_t                           len;
-    ngx_uint_t                       n, same;
+    size_t                           len, avail;
+    ngx_uint_t                       n;
     ngx_http_llmlimit_keys_conf_t   *kcf;
     ngx_http_llmlimit_keys_build_t  *b;
     ngx_http_llmlimit_keys_shctx_t  *sh;
@@ -2673,32 +2677,105 @@ ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_OK;
     }
 
-    /*
-     * The workers of the configuration before a reload neither check nor
-     * publish any more, even before they are told to exit: their file may
-     * no longer be this one.
-     */
+    if (okcf) {
+        ngx_shmtx_lock(&kcf->shpool->mutex);
+
+        avail = kcf->sh->arena_size;
+
+        if (kcf->sh->table) {
+            avail -= ngx_align(kcf->sh->table->size, 64);
+        }
+
+        ngx_shmtx_unlock(&kcf->shpool->mutex);
+
+        if (ngx_align(b->size, 64) > avail) {
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "llmlimit_keys \"%s\": %ui keys take %uz bytes, "
+                          "more than the shared memory has free (size=%uz; "
+                          "a reload of nginx sizes it for the file)",
+                          kcf->file.data, b->nkeys, b->size, kcf->size);
+            return NGX_ERROR;
+        }
+
+        /* kcf->image is published by init_module, or freed on failure */
+
+        return NGX_OK;
+    }
+
+    if (ngx_http_llmlimit_keys_run(b, 0, NGX_HTTP_LLMLIMIT_KEYS_DONE)
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                      "llmlimit_keys \"%s\": %*s", kcf->file.data,
+                      b->err_len, b->err);
+        return NGX_ERROR;
+    }
+
+    ngx_http_llmlimit_keys_publish(kcf, b, shm_zone->shm.log);
+
+    kcf->image = NULL;
+    ngx_http_llmlimit_keys_build_free(b);
+
+    return NGX_OK;
+}
+
+
+/*
+ * Called once the new configuration is committed (its listening sockets
+ * are open, nothing can fail any more).  The epoch is raised: the workers
+ * of the configuration before a reload neither check nor publish any
+ * more, even before they are told to exit, as their file may no longer be
+ * this one (a load of theirs under way is given up at its end).  Then the
+ * directory read with the configuration is copied and published in a zone
+ * kept over the reload, unless the zone already holds that version of the
+ * file.  A failure here cannot fail the reload: it is logged as a load of
+ * a worker would be, and the directory in use is kept.
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_keys_init_module(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                       same;
+    ngx_http_llmlimit_keys_conf_t   *kcf;
+    ngx_http_llmlimit_keys_build_t  *b;
+
+    kcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                              ngx_http_llmlimit_keys_module);
+
+    if (kcf == NULL || kcf->sh == NULL || ngx_test_config) {
+        return NGX_OK;
+    }
+
+    b = kcf->image;
 
     ngx_shmtx_lock(&kcf->shpool->mutex);
 
     kcf->epoch = ++kcf->sh->epoch;
 
-    same = (kcf->sh->table
-            && ngx_http_llmlimit_keys_same(&b->stat, &kcf->sh->loaded));
+    same = (b == NULL
+            || (kcf->sh->table
+                && ngx_http_llmlimit_keys_same(&b->stat, &kcf->sh->loaded)));
 
     ngx_shmtx_unlock(&kcf->shpool->mutex);
+
+    if (b == NULL) {
+        return NGX_OK;
+    }
 
     if (!same) {
         if (ngx_http_llmlimit_keys_run(b, 0, NGX_HTTP_LLMLIMIT_KEYS_DONE)
             != NGX_OK)
         {
-            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
-                          "llmlimit_keys \"%s\": %*s", kcf->file.data,
-                          b->err_len, b->err);
-            return NGX_ERROR;
+            /* not remembered as failed: the new workers try again */
+
+            ngx_log_error(NGX_LOG_ERR, cycle->log, 0,
+                          "llmlimit_keys \"%s\": %*s; the workers will try "
+                          "again", kcf->file.data, b->err_len, b->err);
+
+            b->rc = NGX_ABORT;
         }
 
-        ngx_http_llmlimit_keys_publish(kcf, b, shm_zone->shm.log);
+        ngx_http_llmlimit_keys_publish(kcf, b, cycle->log);
     }
 
     kcf->image = NULL;
