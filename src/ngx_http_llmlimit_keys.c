@@ -61,7 +61,6 @@
 #define NGX_HTTP_LLMLIMIT_KEYS_SLICE          256     /* entries */
 #define NGX_HTTP_LLMLIMIT_KEYS_CHUNK          (4 * 1024 * 1024)
 #define NGX_HTTP_LLMLIMIT_KEYS_INDEX_SLICE    16384   /* keys */
-#define NGX_HTTP_LLMLIMIT_KEYS_STALE          600     /* seconds */
 #define NGX_HTTP_LLMLIMIT_KEYS_BLOCKS         4
 
 /* the phases of a load */
@@ -113,7 +112,7 @@ typedef struct {
     ngx_http_llmlimit_keys_stat_t   loaded;        /* the file of table */
     ngx_http_llmlimit_keys_stat_t   failed;        /* not loaded, logged */
     ngx_pid_t                       loader;        /* a worker loading */
-    time_t                          load_start;
+    ngx_uint_t                      load_seq;      /* its load */
     void                           *pending;       /* its block */
     ngx_uint_t                      generation;
     time_t                          load_time;     /* of table */
@@ -140,6 +139,9 @@ typedef struct ngx_http_llmlimit_keys_conf_s  ngx_http_llmlimit_keys_conf_t;
 /* a load of the file, from reading it to the block in shared memory */
 typedef struct {
     ngx_http_llmlimit_keys_conf_t  *conf;
+    ngx_uint_t                      seq;           /* sh->load_seq; 0: the
+                                                      master's, at start or
+                                                      reload */
     ngx_uint_t                      phase;
     ngx_int_t                       rc;            /* NGX_OK, NGX_ERROR
                                                       (bad file), NGX_DECLINED
@@ -240,7 +242,10 @@ static ngx_int_t ngx_http_llmlimit_keys_variable(ngx_http_request_t *r,
 static void ngx_http_llmlimit_keys_timer(ngx_event_t *ev);
 static void ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf);
 static ngx_int_t ngx_http_llmlimit_keys_start(
-    ngx_http_llmlimit_keys_conf_t *kcf, ngx_http_llmlimit_keys_stat_t *st);
+    ngx_http_llmlimit_keys_conf_t *kcf, ngx_http_llmlimit_keys_stat_t *st,
+    ngx_uint_t seq);
+static ngx_uint_t ngx_http_llmlimit_keys_owner(
+    ngx_http_llmlimit_keys_build_t *b);
 #if (NGX_THREADS)
 static void ngx_http_llmlimit_keys_thread(void *data, ngx_log_t *log);
 static void ngx_http_llmlimit_keys_thread_done(ngx_event_t *ev);
@@ -653,7 +658,7 @@ static void
 ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 {
     ngx_err_t                        err;
-    ngx_uint_t                       nkeys;
+    ngx_uint_t                       nkeys, seq;
     ngx_file_info_t                  fi;
     ngx_http_llmlimit_keys_stat_t    st;
     ngx_http_llmlimit_keys_shctx_t  *sh;
@@ -679,10 +684,18 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 
     if (sh->loader) {
 
-        if (sh->loader == ngx_pid
-            || ((kill(sh->loader, 0) == 0 || ngx_errno != NGX_ESRCH)
-                && ngx_time() - sh->load_start
-                   < NGX_HTTP_LLMLIMIT_KEYS_STALE))
+        /*
+         * Another worker is loading: it is waited for as long as it lives,
+         * however long its load takes (slices of a huge file with a coarse
+         * timer_resolution, a stopped process), as it may write to its
+         * block until it publishes.  Only a dead worker's load is taken
+         * over, and its block freed.  This process has no load under way
+         * (it checks only then): a flag with its own pid is that of a dead
+         * worker whose pid came again.
+         */
+
+        if (sh->loader != ngx_pid
+            && (kill(sh->loader, 0) == 0 || ngx_errno != NGX_ESRCH))
         {
             ngx_shmtx_unlock(&kcf->shpool->mutex);
             return;
@@ -724,13 +737,17 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
     }
 
     sh->loader = ngx_pid;
-    sh->load_start = ngx_time();
+    seq = ++sh->load_seq;
 
     ngx_shmtx_unlock(&kcf->shpool->mutex);
 
-    if (ngx_http_llmlimit_keys_start(kcf, &st) != NGX_OK) {
+    if (ngx_http_llmlimit_keys_start(kcf, &st, seq) != NGX_OK) {
         ngx_shmtx_lock(&kcf->shpool->mutex);
-        sh->loader = 0;
+
+        if (sh->loader == ngx_pid && sh->load_seq == seq) {
+            sh->loader = 0;
+        }
+
         ngx_shmtx_unlock(&kcf->shpool->mutex);
     }
 }
@@ -738,7 +755,7 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 
 static ngx_int_t
 ngx_http_llmlimit_keys_start(ngx_http_llmlimit_keys_conf_t *kcf,
-    ngx_http_llmlimit_keys_stat_t *st)
+    ngx_http_llmlimit_keys_stat_t *st, ngx_uint_t seq)
 {
     ngx_http_llmlimit_keys_build_t  *b;
 
@@ -746,6 +763,8 @@ ngx_http_llmlimit_keys_start(ngx_http_llmlimit_keys_conf_t *kcf,
     if (b == NULL) {
         return NGX_ERROR;
     }
+
+    b->seq = seq;
 
     /* what is remembered if the file cannot even be opened */
     b->stat = *st;
@@ -848,6 +867,24 @@ ngx_http_llmlimit_keys_done(ngx_http_llmlimit_keys_build_t *b)
 
 
 /*
+ * Is the load still this process's?  A worker's load is, unless another
+ * worker took it over (it found this process dead: its pid came again)
+ * and freed its block; then nothing of it is touched any more.  Called
+ * with the mutex held.
+ */
+
+static ngx_uint_t
+ngx_http_llmlimit_keys_owner(ngx_http_llmlimit_keys_build_t *b)
+{
+    ngx_http_llmlimit_keys_shctx_t  *sh;
+
+    sh = b->conf->sh;
+
+    return b->seq == 0 || (sh->loader == ngx_pid && sh->load_seq == b->seq);
+}
+
+
+/*
  * The swap: the new directory is complete in shared memory; one pointer
  * store under the mutex publishes it, and the old one is freed under the
  * same lock, which every reader holds while it reads a directory.
@@ -869,7 +906,12 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
 
     start = ngx_http_llmlimit_keys_clock();
 
-    if (b->rc == NGX_OK && kcf->epoch != sh->epoch) {
+    if (!ngx_http_llmlimit_keys_owner(b)) {
+        /* taken over: the block was freed, and may be another's by now */
+        b->rc = NGX_ABORT;
+        b->table = NULL;
+
+    } else if (b->rc == NGX_OK && kcf->epoch != sh->epoch) {
         /* loaded for a configuration that a reload of nginx replaced */
         b->rc = NGX_ABORT;
     }
@@ -897,15 +939,12 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
         }
     }
 
-    if (sh->pending == b->table) {
+    if (b->seq && ngx_http_llmlimit_keys_owner(b)) {
         sh->pending = NULL;
+        sh->loader = 0;
     }
 
     b->table = NULL;
-
-    if (sh->loader == ngx_pid) {
-        sh->loader = 0;
-    }
 
     nkeys = sh->table ? sh->table->nkeys : 0;
 
@@ -1896,11 +1935,16 @@ ngx_http_llmlimit_keys_alloc(ngx_http_llmlimit_keys_build_t *b)
 
     ngx_shmtx_lock(&kcf->shpool->mutex);
 
+    if (!ngx_http_llmlimit_keys_owner(b)) {
+        ngx_shmtx_unlock(&kcf->shpool->mutex);
+        return NGX_ABORT;
+    }
+
     start = ngx_http_llmlimit_keys_clock();
 
     p = ngx_http_llmlimit_keys_arena_alloc(kcf->sh, b->size);
 
-    if (p != NULL && kcf->sh->loader == ngx_pid) {
+    if (p != NULL && b->seq) {
         /* freed by another worker if this one dies before publishing */
         kcf->sh->pending = p;
     }
@@ -2005,6 +2049,19 @@ ngx_http_llmlimit_keys_fill(ngx_http_llmlimit_keys_build_t *b,
     ngx_http_llmlimit_keys_buf_t    *src[3];
     ngx_http_llmlimit_keys_table_t  *t;
     size_t                           at[3];
+
+    if (b->seq) {
+        /* the block is still this load's (checked at every slice) */
+
+        ngx_shmtx_lock(&b->conf->shpool->mutex);
+
+        if (!ngx_http_llmlimit_keys_owner(b)) {
+            ngx_shmtx_unlock(&b->conf->shpool->mutex);
+            return NGX_ABORT;
+        }
+
+        ngx_shmtx_unlock(&b->conf->shpool->mutex);
+    }
 
     t = b->table;
 
@@ -2871,15 +2928,13 @@ ngx_http_llmlimit_keys_exit_process(ngx_cycle_t *cycle)
 
         ngx_shmtx_lock(&kcf->shpool->mutex);
 
-        if (b->table) {
-            ngx_http_llmlimit_keys_arena_free(kcf->sh, b->table);
+        if (ngx_http_llmlimit_keys_owner(b)) {
 
-            if (kcf->sh->pending == b->table) {
-                kcf->sh->pending = NULL;
+            if (b->table) {
+                ngx_http_llmlimit_keys_arena_free(kcf->sh, b->table);
             }
-        }
 
-        if (kcf->sh->loader == ngx_pid) {
+            kcf->sh->pending = NULL;
             kcf->sh->loader = 0;
         }
 

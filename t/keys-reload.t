@@ -4,8 +4,8 @@
 # within check=, a removed key invalid, and no request fails meanwhile; a
 # broken or missing file keeps the directory in use and is logged once;
 # the same without threads; a directory too big for the zone; nginx -s
-# reload; a reload that fails after the zones were set up; a worker killed
-# while it loads.
+# reload; a reload that fails after the zones were set up; a loader stopped
+# and a worker killed while it loads.
 
 use strict;
 use warnings;
@@ -76,6 +76,14 @@ sub hammer {
         }
         return { n => $n, bad => \@bad };
     });
+}
+
+# user + system CPU of a process, in ticks
+sub cpu_of {
+    my ($pid) = @_;
+    my $stat = LLMLimit::Test::slurp("/proc/$pid/stat") // return 0;
+    my @f = split ' ', (split /\)\s+/, $stat, 2)[1];
+    return $f[11] + $f[12];
 }
 
 sub count_of {
@@ -336,6 +344,46 @@ for my $mode ([ 'a thread', '' ], [ 'slices (thread_pool=off)', 'thread_pool=off
     write_keys($other, [ { key => 'k-y', plan => 'next' } ]);
     ok(defined until_is($c2, 'k-y', "[1][next][]\n"),
        'and its workers load a changed file');
+
+    $t->stop;
+}
+
+
+# --- a loader stopped (SIGSTOP) in the middle of its load ------------------------
+
+# a live loader is waited for, however long it takes: its block is never
+# freed under it; once it goes on, its directory is published whole
+
+{
+    my $file = keys_file();
+    write_keys($file, [ { key => 'k-a', plan => 'pro' } ]);
+
+    my $t = LLMLimit::Test->new(
+        http => http_conf($file, 'size=64m thread_pool=off'),
+        config => $SERVER, workers => 2)->start;
+
+    write_keys($file, [ { key => 'k-a', plan => 'pro' },
+                        many(200000, 'many-', plan => 'p') ]);
+
+    # the loader is the worker that burns CPU
+    sleep 0.5;
+    my %cpu0 = map { $_ => cpu_of($_) } $t->workers;
+    sleep 0.2;
+    my ($loader) = sort { (cpu_of($b) - $cpu0{$b}) <=> (cpu_of($a) - $cpu0{$a}) }
+                   keys %cpu0;
+
+    kill 'STOP', $loader;
+    sleep 2;    # some 10 checks by the other worker
+    my $log = $t->error_log;
+    kill 'CONT', $loader;
+
+    unlike($log, qr/taking over/, 'a stopped loader is not taken over');
+
+    my $c = $t->conn(from => '127.0.0.50');
+    ok(defined until_is($c, 'many-199999', "[1][p][]\n", 20),
+       'it goes on, and publishes its directory');
+    is(ask($c, 'many-7'), "[1][p][]\n", 'whole');
+    is(count_of($t->error_log, qr/200001 keys loaded/), 1, 'loaded once');
 
     $t->stop;
 }
