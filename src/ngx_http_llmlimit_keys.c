@@ -16,8 +16,8 @@
  * itself is never stored, only its digest.
  *
  * A lookup hashes the key, takes the zone's mutex, probes the table,
- * copies the entry's strings into the request's pool and unlocks: a
- * directory freed by a later swap is never read.
+ * copies the entry's strings onto the stack and unlocks, then into the
+ * request's pool: a directory freed by a later swap is never read.
  *
  * A new directory is built off to the side: the file is read and parsed
  * one key at a time (one json_loadb() per entry, so that jansson holds
@@ -449,7 +449,7 @@ static ngx_http_llmlimit_keys_ctx_t    ngx_http_llmlimit_keys_none;
 static ngx_http_llmlimit_keys_ctx_t *
 ngx_http_llmlimit_keys_lookup(ngx_http_request_t *r)
 {
-    u_char                             *p;
+    u_char                             *p, *last;
     size_t                              len;
     uint32_t                            h, n;
     ngx_str_t                           key;
@@ -461,6 +461,9 @@ ngx_http_llmlimit_keys_lookup(ngx_http_request_t *r)
     ngx_http_llmlimit_keys_table_t     *table;
     ngx_http_llmlimit_keys_loc_conf_t  *klcf;
     u_char                              digest[EVP_MAX_MD_SIZE];
+    u_char                              lens[NGX_HTTP_LLMLIMIT_KEY_NFIELDS];
+    u_char                              buf[NGX_HTTP_LLMLIMIT_KEY_NFIELDS
+                                            * NGX_HTTP_LLMLIMIT_KEY_MAX_FIELD];
 
     klcf = ngx_http_get_module_loc_conf(r, ngx_http_llmlimit_keys_module);
     kcf = ngx_http_get_module_main_conf(r, ngx_http_llmlimit_keys_module);
@@ -546,25 +549,33 @@ ngx_http_llmlimit_keys_lookup(ngx_http_request_t *r)
         return ctx;
     }
 
-    len = 0;
+    /* the strings (a length byte each, at most 255) onto the stack */
+
+    last = buf;
 
     for (j = 0; j < NGX_HTTP_LLMLIMIT_KEY_NFIELDS; j++) {
-        len += table->strings[k->field[j]];
-    }
-
-    p = ngx_pnalloc(r->main->pool, len ? len : 1);
-    if (p == NULL) {
-        ngx_shmtx_unlock(&kcf->shpool->mutex);
-        return NULL;
-    }
-
-    for (j = 0; j < NGX_HTTP_LLMLIMIT_KEY_NFIELDS; j++) {
-        ctx->field[j].len = table->strings[k->field[j]];
-        ctx->field[j].data = p;
-        p = ngx_cpymem(p, &table->strings[k->field[j] + 1], ctx->field[j].len);
+        lens[j] = table->strings[k->field[j]];
+        last = ngx_cpymem(last, &table->strings[k->field[j] + 1], lens[j]);
     }
 
     ngx_shmtx_unlock(&kcf->shpool->mutex);
+
+    /* and into the request's pool, the lock released */
+
+    len = last - buf;
+
+    p = ngx_pnalloc(r->main->pool, len ? len : 1);
+    if (p == NULL) {
+        return NULL;
+    }
+
+    ngx_memcpy(p, buf, len);
+
+    for (j = 0; j < NGX_HTTP_LLMLIMIT_KEY_NFIELDS; j++) {
+        ctx->field[j].len = lens[j];
+        ctx->field[j].data = p;
+        p += lens[j];
+    }
 
     ctx->found = 1;
 
