@@ -16,8 +16,8 @@
  * itself is never stored, only its digest.
  *
  * A lookup hashes the key, takes the zone's mutex, probes the table,
- * copies the entry's strings into the request's pool and unlocks: a
- * directory freed by a later swap is never read.
+ * copies the entry's strings onto the stack and unlocks, then into the
+ * request's pool: a directory freed by a later swap is never read.
  *
  * A new directory is built off to the side: the file is read and parsed
  * one key at a time (one json_loadb() per entry, so that jansson holds
@@ -61,7 +61,6 @@
 #define NGX_HTTP_LLMLIMIT_KEYS_SLICE          256     /* entries */
 #define NGX_HTTP_LLMLIMIT_KEYS_CHUNK          (4 * 1024 * 1024)
 #define NGX_HTTP_LLMLIMIT_KEYS_INDEX_SLICE    16384   /* keys */
-#define NGX_HTTP_LLMLIMIT_KEYS_STALE          600     /* seconds */
 #define NGX_HTTP_LLMLIMIT_KEYS_BLOCKS         4
 
 /* the phases of a load */
@@ -113,7 +112,7 @@ typedef struct {
     ngx_http_llmlimit_keys_stat_t   loaded;        /* the file of table */
     ngx_http_llmlimit_keys_stat_t   failed;        /* not loaded, logged */
     ngx_pid_t                       loader;        /* a worker loading */
-    time_t                          load_start;
+    ngx_uint_t                      load_seq;      /* its load */
     void                           *pending;       /* its block */
     ngx_uint_t                      generation;
     time_t                          load_time;     /* of table */
@@ -140,6 +139,9 @@ typedef struct ngx_http_llmlimit_keys_conf_s  ngx_http_llmlimit_keys_conf_t;
 /* a load of the file, from reading it to the block in shared memory */
 typedef struct {
     ngx_http_llmlimit_keys_conf_t  *conf;
+    ngx_uint_t                      seq;           /* sh->load_seq; 0: the
+                                                      master's, at start or
+                                                      reload */
     ngx_uint_t                      phase;
     ngx_int_t                       rc;            /* NGX_OK, NGX_ERROR
                                                       (bad file), NGX_DECLINED
@@ -240,7 +242,10 @@ static ngx_int_t ngx_http_llmlimit_keys_variable(ngx_http_request_t *r,
 static void ngx_http_llmlimit_keys_timer(ngx_event_t *ev);
 static void ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf);
 static ngx_int_t ngx_http_llmlimit_keys_start(
-    ngx_http_llmlimit_keys_conf_t *kcf, ngx_http_llmlimit_keys_stat_t *st);
+    ngx_http_llmlimit_keys_conf_t *kcf, ngx_http_llmlimit_keys_stat_t *st,
+    ngx_uint_t seq);
+static ngx_uint_t ngx_http_llmlimit_keys_owner(
+    ngx_http_llmlimit_keys_build_t *b);
 #if (NGX_THREADS)
 static void ngx_http_llmlimit_keys_thread(void *data, ngx_log_t *log);
 static void ngx_http_llmlimit_keys_thread_done(ngx_event_t *ev);
@@ -307,6 +312,7 @@ static char *ngx_http_llmlimit_key(ngx_conf_t *cf, ngx_command_t *cmd,
 static void ngx_http_llmlimit_keys_image_cleanup(void *data);
 static ngx_int_t ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static ngx_int_t ngx_http_llmlimit_keys_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_llmlimit_keys_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_keys_init_process(ngx_cycle_t *cycle);
 static void ngx_http_llmlimit_keys_exit_process(ngx_cycle_t *cycle);
@@ -353,7 +359,7 @@ ngx_module_t  ngx_http_llmlimit_keys_module = {
     ngx_http_llmlimit_keys_commands,       /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
+    ngx_http_llmlimit_keys_init_module,    /* init module */
     ngx_http_llmlimit_keys_init_process,   /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
@@ -443,7 +449,7 @@ static ngx_http_llmlimit_keys_ctx_t    ngx_http_llmlimit_keys_none;
 static ngx_http_llmlimit_keys_ctx_t *
 ngx_http_llmlimit_keys_lookup(ngx_http_request_t *r)
 {
-    u_char                             *p;
+    u_char                             *p, *last;
     size_t                              len;
     uint32_t                            h, n;
     ngx_str_t                           key;
@@ -455,6 +461,9 @@ ngx_http_llmlimit_keys_lookup(ngx_http_request_t *r)
     ngx_http_llmlimit_keys_table_t     *table;
     ngx_http_llmlimit_keys_loc_conf_t  *klcf;
     u_char                              digest[EVP_MAX_MD_SIZE];
+    u_char                              lens[NGX_HTTP_LLMLIMIT_KEY_NFIELDS];
+    u_char                              buf[NGX_HTTP_LLMLIMIT_KEY_NFIELDS
+                                            * NGX_HTTP_LLMLIMIT_KEY_MAX_FIELD];
 
     klcf = ngx_http_get_module_loc_conf(r, ngx_http_llmlimit_keys_module);
     kcf = ngx_http_get_module_main_conf(r, ngx_http_llmlimit_keys_module);
@@ -540,25 +549,33 @@ ngx_http_llmlimit_keys_lookup(ngx_http_request_t *r)
         return ctx;
     }
 
-    len = 0;
+    /* the strings (a length byte each, at most 255) onto the stack */
+
+    last = buf;
 
     for (j = 0; j < NGX_HTTP_LLMLIMIT_KEY_NFIELDS; j++) {
-        len += table->strings[k->field[j]];
-    }
-
-    p = ngx_pnalloc(r->main->pool, len ? len : 1);
-    if (p == NULL) {
-        ngx_shmtx_unlock(&kcf->shpool->mutex);
-        return NULL;
-    }
-
-    for (j = 0; j < NGX_HTTP_LLMLIMIT_KEY_NFIELDS; j++) {
-        ctx->field[j].len = table->strings[k->field[j]];
-        ctx->field[j].data = p;
-        p = ngx_cpymem(p, &table->strings[k->field[j] + 1], ctx->field[j].len);
+        lens[j] = table->strings[k->field[j]];
+        last = ngx_cpymem(last, &table->strings[k->field[j] + 1], lens[j]);
     }
 
     ngx_shmtx_unlock(&kcf->shpool->mutex);
+
+    /* and into the request's pool, the lock released */
+
+    len = last - buf;
+
+    p = ngx_pnalloc(r->main->pool, len ? len : 1);
+    if (p == NULL) {
+        return NULL;
+    }
+
+    ngx_memcpy(p, buf, len);
+
+    for (j = 0; j < NGX_HTTP_LLMLIMIT_KEY_NFIELDS; j++) {
+        ctx->field[j].len = lens[j];
+        ctx->field[j].data = p;
+        p += lens[j];
+    }
 
     ctx->found = 1;
 
@@ -652,7 +669,7 @@ static void
 ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 {
     ngx_err_t                        err;
-    ngx_uint_t                       nkeys;
+    ngx_uint_t                       nkeys, seq;
     ngx_file_info_t                  fi;
     ngx_http_llmlimit_keys_stat_t    st;
     ngx_http_llmlimit_keys_shctx_t  *sh;
@@ -678,10 +695,18 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 
     if (sh->loader) {
 
-        if (sh->loader == ngx_pid
-            || ((kill(sh->loader, 0) == 0 || ngx_errno != NGX_ESRCH)
-                && ngx_time() - sh->load_start
-                   < NGX_HTTP_LLMLIMIT_KEYS_STALE))
+        /*
+         * Another worker is loading: it is waited for as long as it lives,
+         * however long its load takes (slices of a huge file with a coarse
+         * timer_resolution, a stopped process), as it may write to its
+         * block until it publishes.  Only a dead worker's load is taken
+         * over, and its block freed.  This process has no load under way
+         * (it checks only then): a flag with its own pid is that of a dead
+         * worker whose pid came again.
+         */
+
+        if (sh->loader != ngx_pid
+            && (kill(sh->loader, 0) == 0 || ngx_errno != NGX_ESRCH))
         {
             ngx_shmtx_unlock(&kcf->shpool->mutex);
             return;
@@ -723,13 +748,17 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
     }
 
     sh->loader = ngx_pid;
-    sh->load_start = ngx_time();
+    seq = ++sh->load_seq;
 
     ngx_shmtx_unlock(&kcf->shpool->mutex);
 
-    if (ngx_http_llmlimit_keys_start(kcf, &st) != NGX_OK) {
+    if (ngx_http_llmlimit_keys_start(kcf, &st, seq) != NGX_OK) {
         ngx_shmtx_lock(&kcf->shpool->mutex);
-        sh->loader = 0;
+
+        if (sh->loader == ngx_pid && sh->load_seq == seq) {
+            sh->loader = 0;
+        }
+
         ngx_shmtx_unlock(&kcf->shpool->mutex);
     }
 }
@@ -737,7 +766,7 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 
 static ngx_int_t
 ngx_http_llmlimit_keys_start(ngx_http_llmlimit_keys_conf_t *kcf,
-    ngx_http_llmlimit_keys_stat_t *st)
+    ngx_http_llmlimit_keys_stat_t *st, ngx_uint_t seq)
 {
     ngx_http_llmlimit_keys_build_t  *b;
 
@@ -745,6 +774,8 @@ ngx_http_llmlimit_keys_start(ngx_http_llmlimit_keys_conf_t *kcf,
     if (b == NULL) {
         return NGX_ERROR;
     }
+
+    b->seq = seq;
 
     /* what is remembered if the file cannot even be opened */
     b->stat = *st;
@@ -847,6 +878,24 @@ ngx_http_llmlimit_keys_done(ngx_http_llmlimit_keys_build_t *b)
 
 
 /*
+ * Is the load still this process's?  A worker's load is, unless another
+ * worker took it over (it found this process dead: its pid came again)
+ * and freed its block; then nothing of it is touched any more.  Called
+ * with the mutex held.
+ */
+
+static ngx_uint_t
+ngx_http_llmlimit_keys_owner(ngx_http_llmlimit_keys_build_t *b)
+{
+    ngx_http_llmlimit_keys_shctx_t  *sh;
+
+    sh = b->conf->sh;
+
+    return b->seq == 0 || (sh->loader == ngx_pid && sh->load_seq == b->seq);
+}
+
+
+/*
  * The swap: the new directory is complete in shared memory; one pointer
  * store under the mutex publishes it, and the old one is freed under the
  * same lock, which every reader holds while it reads a directory.
@@ -868,7 +917,12 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
 
     start = ngx_http_llmlimit_keys_clock();
 
-    if (b->rc == NGX_OK && kcf->epoch != sh->epoch) {
+    if (!ngx_http_llmlimit_keys_owner(b)) {
+        /* taken over: the block was freed, and may be another's by now */
+        b->rc = NGX_ABORT;
+        b->table = NULL;
+
+    } else if (b->rc == NGX_OK && kcf->epoch != sh->epoch) {
         /* loaded for a configuration that a reload of nginx replaced */
         b->rc = NGX_ABORT;
     }
@@ -896,15 +950,12 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
         }
     }
 
-    if (sh->pending == b->table) {
+    if (b->seq && ngx_http_llmlimit_keys_owner(b)) {
         sh->pending = NULL;
+        sh->loader = 0;
     }
 
     b->table = NULL;
-
-    if (sh->loader == ngx_pid) {
-        sh->loader = 0;
-    }
 
     nkeys = sh->table ? sh->table->nkeys : 0;
 
@@ -1895,11 +1946,16 @@ ngx_http_llmlimit_keys_alloc(ngx_http_llmlimit_keys_build_t *b)
 
     ngx_shmtx_lock(&kcf->shpool->mutex);
 
+    if (!ngx_http_llmlimit_keys_owner(b)) {
+        ngx_shmtx_unlock(&kcf->shpool->mutex);
+        return NGX_ABORT;
+    }
+
     start = ngx_http_llmlimit_keys_clock();
 
     p = ngx_http_llmlimit_keys_arena_alloc(kcf->sh, b->size);
 
-    if (p != NULL && kcf->sh->loader == ngx_pid) {
+    if (p != NULL && b->seq) {
         /* freed by another worker if this one dies before publishing */
         kcf->sh->pending = p;
     }
@@ -2004,6 +2060,19 @@ ngx_http_llmlimit_keys_fill(ngx_http_llmlimit_keys_build_t *b,
     ngx_http_llmlimit_keys_buf_t    *src[3];
     ngx_http_llmlimit_keys_table_t  *t;
     size_t                           at[3];
+
+    if (b->seq) {
+        /* the block is still this load's (checked at every slice) */
+
+        ngx_shmtx_lock(&b->conf->shpool->mutex);
+
+        if (!ngx_http_llmlimit_keys_owner(b)) {
+            ngx_shmtx_unlock(&b->conf->shpool->mutex);
+            return NGX_ABORT;
+        }
+
+        ngx_shmtx_unlock(&b->conf->shpool->mutex);
+    }
 
     t = b->table;
 
@@ -2600,10 +2669,13 @@ ngx_http_llmlimit_keys_image_cleanup(void *data)
 
 
 /*
- * A new zone gets the directory read with the configuration; a zone kept
- * over a reload (same size) gets it too unless it already holds that
- * version of the file.  Old workers may be reading it meanwhile: the
- * usual swap under the mutex.
+ * A new zone gets the directory read with the configuration.  A zone kept
+ * over a reload (same size) is still the old workers' until the new
+ * configuration is committed: a reload can fail after the zones were
+ * initialised (bind() on a new "listen", say), and the old configuration
+ * then goes on as it was.  The directory is only checked to fit here; it
+ * is copied and published, and the epoch raised, by
+ * ngx_http_llmlimit_keys_init_module(), past the point of no return.
  */
 
 static ngx_int_t
@@ -2611,8 +2683,8 @@ ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_llmlimit_keys_conf_t  *okcf = data;
 
-    size_t                           len;
-    ngx_uint_t                       n, same;
+    size_t                           len, avail;
+    ngx_uint_t                       n;
     ngx_http_llmlimit_keys_conf_t   *kcf;
     ngx_http_llmlimit_keys_build_t  *b;
     ngx_http_llmlimit_keys_shctx_t  *sh;
@@ -2673,32 +2745,105 @@ ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_OK;
     }
 
-    /*
-     * The workers of the configuration before a reload neither check nor
-     * publish any more, even before they are told to exit: their file may
-     * no longer be this one.
-     */
+    if (okcf) {
+        ngx_shmtx_lock(&kcf->shpool->mutex);
+
+        avail = kcf->sh->arena_size;
+
+        if (kcf->sh->table) {
+            avail -= ngx_align(kcf->sh->table->size, 64);
+        }
+
+        ngx_shmtx_unlock(&kcf->shpool->mutex);
+
+        if (ngx_align(b->size, 64) > avail) {
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "llmlimit_keys \"%s\": %ui keys take %uz bytes, "
+                          "more than the shared memory has free (size=%uz; "
+                          "a reload of nginx sizes it for the file)",
+                          kcf->file.data, b->nkeys, b->size, kcf->size);
+            return NGX_ERROR;
+        }
+
+        /* kcf->image is published by init_module, or freed on failure */
+
+        return NGX_OK;
+    }
+
+    if (ngx_http_llmlimit_keys_run(b, 0, NGX_HTTP_LLMLIMIT_KEYS_DONE)
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                      "llmlimit_keys \"%s\": %*s", kcf->file.data,
+                      b->err_len, b->err);
+        return NGX_ERROR;
+    }
+
+    ngx_http_llmlimit_keys_publish(kcf, b, shm_zone->shm.log);
+
+    kcf->image = NULL;
+    ngx_http_llmlimit_keys_build_free(b);
+
+    return NGX_OK;
+}
+
+
+/*
+ * Called once the new configuration is committed (its listening sockets
+ * are open, nothing can fail any more).  The epoch is raised: the workers
+ * of the configuration before a reload neither check nor publish any
+ * more, even before they are told to exit, as their file may no longer be
+ * this one (a load of theirs under way is given up at its end).  Then the
+ * directory read with the configuration is copied and published in a zone
+ * kept over the reload, unless the zone already holds that version of the
+ * file.  A failure here cannot fail the reload: it is logged as a load of
+ * a worker would be, and the directory in use is kept.
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_keys_init_module(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                       same;
+    ngx_http_llmlimit_keys_conf_t   *kcf;
+    ngx_http_llmlimit_keys_build_t  *b;
+
+    kcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                              ngx_http_llmlimit_keys_module);
+
+    if (kcf == NULL || kcf->sh == NULL || ngx_test_config) {
+        return NGX_OK;
+    }
+
+    b = kcf->image;
 
     ngx_shmtx_lock(&kcf->shpool->mutex);
 
     kcf->epoch = ++kcf->sh->epoch;
 
-    same = (kcf->sh->table
-            && ngx_http_llmlimit_keys_same(&b->stat, &kcf->sh->loaded));
+    same = (b == NULL
+            || (kcf->sh->table
+                && ngx_http_llmlimit_keys_same(&b->stat, &kcf->sh->loaded)));
 
     ngx_shmtx_unlock(&kcf->shpool->mutex);
+
+    if (b == NULL) {
+        return NGX_OK;
+    }
 
     if (!same) {
         if (ngx_http_llmlimit_keys_run(b, 0, NGX_HTTP_LLMLIMIT_KEYS_DONE)
             != NGX_OK)
         {
-            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
-                          "llmlimit_keys \"%s\": %*s", kcf->file.data,
-                          b->err_len, b->err);
-            return NGX_ERROR;
+            /* not remembered as failed: the new workers try again */
+
+            ngx_log_error(NGX_LOG_ERR, cycle->log, 0,
+                          "llmlimit_keys \"%s\": %*s; the workers will try "
+                          "again", kcf->file.data, b->err_len, b->err);
+
+            b->rc = NGX_ABORT;
         }
 
-        ngx_http_llmlimit_keys_publish(kcf, b, shm_zone->shm.log);
+        ngx_http_llmlimit_keys_publish(kcf, b, cycle->log);
     }
 
     kcf->image = NULL;
@@ -2794,15 +2939,13 @@ ngx_http_llmlimit_keys_exit_process(ngx_cycle_t *cycle)
 
         ngx_shmtx_lock(&kcf->shpool->mutex);
 
-        if (b->table) {
-            ngx_http_llmlimit_keys_arena_free(kcf->sh, b->table);
+        if (ngx_http_llmlimit_keys_owner(b)) {
 
-            if (kcf->sh->pending == b->table) {
-                kcf->sh->pending = NULL;
+            if (b->table) {
+                ngx_http_llmlimit_keys_arena_free(kcf->sh, b->table);
             }
-        }
 
-        if (kcf->sh->loader == ngx_pid) {
+            kcf->sh->pending = NULL;
             kcf->sh->loader = 0;
         }
 

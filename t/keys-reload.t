@@ -4,7 +4,8 @@
 # within check=, a removed key invalid, and no request fails meanwhile; a
 # broken or missing file keeps the directory in use and is logged once;
 # the same without threads; a directory too big for the zone; nginx -s
-# reload; a worker killed while it loads.
+# reload; a reload that fails after the zones were set up; a loader stopped
+# and a worker killed while it loads.
 
 use strict;
 use warnings;
@@ -13,6 +14,7 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 
 use JSON::PP ();
+use IO::Socket::INET;
 use POSIX ();
 use Test::More;
 use Time::HiRes qw(time sleep);
@@ -74,6 +76,14 @@ sub hammer {
         }
         return { n => $n, bad => \@bad };
     });
+}
+
+# user + system CPU of a process, in ticks
+sub cpu_of {
+    my ($pid) = @_;
+    my $stat = LLMLimit::Test::slurp("/proc/$pid/stat") // return 0;
+    my @f = split ' ', (split /\)\s+/, $stat, 2)[1];
+    return $f[11] + $f[12];
 }
 
 sub count_of {
@@ -271,6 +281,109 @@ for my $mode ([ 'a thread', '' ], [ 'slices (thread_pool=off)', 'thread_pool=off
     is(ask($c, 'k-a'), "[1][new][]\n",
        'and no load of the old file replaced it');
     is(ask($c, 'o-5'), "[][][]\n", 'nothing of the old file');
+
+    $t->stop;
+}
+
+
+# --- a reload that fails after the zones were set up ----------------------------
+
+# bind() fails after nginx has initialised the shared zones: the old workers
+# go on serving, and must go on checking and loading their file; nothing of
+# the configuration that failed is published
+
+{
+    my $file = keys_file();
+    my $other = keys_file('other');
+    write_keys($file, [ { key => 'k-a', plan => 'pro' } ]);
+    write_keys($other, [ { key => 'k-x', plan => 'failed' } ]);
+
+    my $t = LLMLimit::Test->new(
+        http => http_conf($file, 'size=1m'), config => $SERVER, workers => 2,
+        allow_log => [ qr/bind\(\) to 127\.0\.0\.1:\d+ failed|still could not bind/ ])->start;
+    my $c = $t->conn(from => '127.0.0.40');
+
+    # a port that another socket holds
+    my $busy = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0,
+                                     Proto => 'tcp', Listen => 5)
+        or die "listen: $!";
+    my $port = $busy->sockport;
+
+    my $log_before = -s $t->error_log_file;
+    my %old = map { $_ => 1 } $t->workers;
+
+    $t->{http} = http_conf($other, 'size=1m')
+                 . "\n    server { listen 127.0.0.1:$port; }\n";
+    $t->write_conf;
+    kill 'HUP', $t->{pid};
+
+    my $end = time + 15 * slow();
+    sleep 0.1 while time < $end
+        && $t->error_log($log_before) !~ /still could not bind/;
+    like($t->error_log($log_before), qr/still could not bind/,
+         'the reload failed: bind()');
+    is(join(' ', sort keys %old), join(' ', $t->workers),
+       'the old workers go on');
+
+    is(ask($c, 'k-a'), "[1][pro][]\n", 'the directory in use stays');
+    is(ask($c, 'k-x'), "[][][]\n",
+       'nothing of the configuration that failed');
+
+    write_keys($file, [ { key => 'k-a', plan => 'pro' },
+                        { key => 'k-b', plan => 'hobby' } ]);
+    ok(defined until_is($c, 'k-b', "[1][hobby][]\n"),
+       'the old workers still load a changed file');
+
+    # the port is free: the same configuration now loads
+    close $busy;
+    ok($t->reload, 'reloaded once the port is free');
+    my $c2 = $t->conn(from => '127.0.0.41');
+    is(ask($c2, 'k-x'), "[1][failed][]\n", 'its file');
+    is(ask($c2, 'k-b'), "[][][]\n", 'alone');
+
+    write_keys($other, [ { key => 'k-y', plan => 'next' } ]);
+    ok(defined until_is($c2, 'k-y', "[1][next][]\n"),
+       'and its workers load a changed file');
+
+    $t->stop;
+}
+
+
+# --- a loader stopped (SIGSTOP) in the middle of its load ------------------------
+
+# a live loader is waited for, however long it takes: its block is never
+# freed under it; once it goes on, its directory is published whole
+
+{
+    my $file = keys_file();
+    write_keys($file, [ { key => 'k-a', plan => 'pro' } ]);
+
+    my $t = LLMLimit::Test->new(
+        http => http_conf($file, 'size=64m thread_pool=off'),
+        config => $SERVER, workers => 2)->start;
+
+    write_keys($file, [ { key => 'k-a', plan => 'pro' },
+                        many(200000, 'many-', plan => 'p') ]);
+
+    # the loader is the worker that burns CPU
+    sleep 0.5;
+    my %cpu0 = map { $_ => cpu_of($_) } $t->workers;
+    sleep 0.2;
+    my ($loader) = sort { (cpu_of($b) - $cpu0{$b}) <=> (cpu_of($a) - $cpu0{$a}) }
+                   keys %cpu0;
+
+    kill 'STOP', $loader;
+    sleep 2;    # some 10 checks by the other worker
+    my $log = $t->error_log;
+    kill 'CONT', $loader;
+
+    unlike($log, qr/taking over/, 'a stopped loader is not taken over');
+
+    my $c = $t->conn(from => '127.0.0.50');
+    ok(defined until_is($c, 'many-199999', "[1][p][]\n", 20),
+       'it goes on, and publishes its directory');
+    is(ask($c, 'many-7'), "[1][p][]\n", 'whole');
+    is(count_of($t->error_log, qr/200001 keys loaded/), 1, 'loaded once');
 
     $t->stop;
 }
