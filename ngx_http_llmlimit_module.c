@@ -322,6 +322,14 @@ ngx_http_llmlimit_precontent_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
+    if (r->error_page && ngx_http_llmlimit_get_ctx(r) == NULL) {
+        /*
+         * an error page of a request that never got here: refused by
+         * access control, which must not cost it its budget
+         */
+        return NGX_DECLINED;
+    }
+
     return ngx_http_llmlimit_handler(r);
 }
 

@@ -274,4 +274,43 @@ run_blocks(
 }
 
 
+# a request refused by access control and answered by an error_page in a
+# location that the limiter covers is still not counted (it never got past
+# access control)
+
+run_blocks({
+    name     => 'access: refused, then an error_page in a limited location',
+    http     => q{
+        llmlimit_zone  ze 1m;
+        llmlimit_rules  by_ip_e  zone=ze {
+            "IP"   *  *  $binary_remote_addr   2/60s;
+        }
+    },
+    config   => q{
+        llmlimit_phase  access;
+        llmlimit        by_ip_e;
+        error_page 403 /errors/ok.txt;
+
+        location /errors/ {
+            internal;
+            alias html/;
+        }
+        location /deny/ {
+            deny all;
+            proxy_pass http://backend;
+        }
+        location /ok/ {
+            proxy_pass http://backend;
+        }
+    },
+    requests => [
+        { req => 'GET /deny/x', from => '127.0.0.7', repeat => 3,
+          status => 403, name => 'refused' },
+        { req => 'GET /ok/x', from => '127.0.0.7', status => 200,
+          headers => { 'X-RateLimit-Remaining' => 1 },
+          name => 'the budget is untouched by the refusals' },
+    ],
+});
+
+
 finish();
