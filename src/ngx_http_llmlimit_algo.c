@@ -37,6 +37,9 @@
 
 static void ngx_http_llmlimit_roll(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
+static ngx_inline int64_t ngx_http_llmlimit_gcra_now(
+    ngx_http_llmlimit_state_t *st, ngx_http_llmlimit_counter_t *c,
+    int64_t now, int64_t T);
 static int64_t ngx_http_llmlimit_remaining(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
 static int64_t ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
@@ -105,7 +108,7 @@ ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
 
     case NGX_HTTP_LLMLIMIT_GCRA:
         T = ((int64_t) c->period * 1000 + c->count - 1) / c->count;
-        tat = ngx_max(st->t, now * 1000);
+        tat = ngx_max(st->t, ngx_http_llmlimit_gcra_now(st, c, now, T));
         st->t = tat + T;
         break;
 
@@ -202,6 +205,21 @@ ngx_http_llmlimit_roll(ngx_http_llmlimit_state_t *st,
 
 
 /*
+ * GCRA's "now", microseconds.  The TAT is never more than COUNT emission
+ * intervals ahead of a clock that only moves forward: one further ahead
+ * was set by a clock that has stepped back since, and that now counts as
+ * no time passed, so that waits stay within a PERIOD.
+ */
+
+static ngx_inline int64_t
+ngx_http_llmlimit_gcra_now(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t T)
+{
+    return ngx_max(now * 1000, st->t - (int64_t) c->count * T);
+}
+
+
+/*
  * The sliding window works in units of u ms, u = 1 for periods up to
  * 2^24 ms (4.6 hours), so that count * period stays within 64 bits.
  */
@@ -225,7 +243,7 @@ static int64_t
 ngx_http_llmlimit_remaining(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now)
 {
-    int64_t  P, e, u, T, tat, count, used;
+    int64_t  P, e, u, T, us, tat, count, used;
 
     count = c->count;
 
@@ -233,8 +251,9 @@ ngx_http_llmlimit_remaining(ngx_http_llmlimit_state_t *st,
 
     case NGX_HTTP_LLMLIMIT_GCRA:
         T = ((int64_t) c->period * 1000 + count - 1) / count;
-        tat = ngx_max(st->t, now * 1000);
-        used = (tat - now * 1000 + T - 1) / T;
+        us = ngx_http_llmlimit_gcra_now(st, c, now, T);
+        tat = ngx_max(st->t, us);
+        used = (tat - us + T - 1) / T;
         break;
 
     case NGX_HTTP_LLMLIMIT_FIXED:
@@ -263,7 +282,7 @@ static int64_t
 ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now, int64_t n)
 {
-    int64_t  P, d, e, u, T, K, tat, wait, count, cur, prev;
+    int64_t  P, d, e, u, T, K, us, tat, wait, count, cur, prev;
 
     count = c->count;
 
@@ -275,8 +294,9 @@ ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
 
     case NGX_HTTP_LLMLIMIT_GCRA:
         T = ((int64_t) c->period * 1000 + count - 1) / count;
-        tat = ngx_max(st->t, now * 1000);
-        wait = tat + (n - count) * T - now * 1000;
+        us = ngx_http_llmlimit_gcra_now(st, c, now, T);
+        tat = ngx_max(st->t, us);
+        wait = tat + (n - count) * T - us;
         return (wait <= 0) ? 0 : (wait + 999) / 1000;
 
     case NGX_HTTP_LLMLIMIT_FIXED:

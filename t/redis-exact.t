@@ -539,4 +539,52 @@ SKIP: {
 }
 
 
+# ---------------------------------------------------------------------------
+# a GCRA counter whose stored state lies far ahead of Redis' clock (the
+# clock stepped back, a failover to a host whose clock is behind) counts as
+# no time passed: it is answered from Redis with a wait within its period,
+# not as a reply out of range that fails the whole call
+
+{
+    my $rd = LLMLimit::Redis->new;
+
+    my $t = LLMLimit::Test->new(
+        name   => 'gcra state ahead of the clock',
+        http   => zone('g', $rd->addr, 'open') . q{
+            llmlimit_rules g zone=g algorithm=gcra {
+                "G"  GET  *  $http_x_api_key  2/10s;
+            }
+        },
+        config => q{
+            add_header X-Status $llmlimit_status always;
+            location / { llmlimit g; proxy_pass http://%%BACKEND%%; }
+        },
+    )->start;
+    my $c = $t->conn;
+    my $key = uid();
+
+    is(st($c, 'GET /x', 1, 'X-Api-Key' => $key), '200', 'counted in Redis');
+
+    my @k = @{ $rd->cmd('KEYS', 'g:*') || [] };
+    is(scalar @k, 1, 'one key in Redis');
+
+    my ($sec) = @{ $rd->cmd('TIME') };
+    $rd->cmd('SET', $k[0], sprintf('2 %d 0 0', ($sec + 3600) * 1_000_000));
+
+    my $r = $c->req('GET /x', headers => { 'X-Api-Key' => $key });
+    is($r->status . ' ' . ($r->header('X-Status') // '-'), '429 REJECTED',
+       'decided by Redis');
+    ok(($r->header('Retry-After') // 99) <= 10,
+       'Retry-After within the period: ' . ($r->header('Retry-After') // '-'));
+
+    is(st($c, 'GET /x', 1, 'X-Api-Key' => uid()), '200',
+       'another identity is answered');
+    unlike($t->error_log, qr/lost|unexpected|out of range/,
+           'no Redis error logged');
+
+    $t->stop;
+    $rd->stop;
+}
+
+
 finish();
