@@ -230,6 +230,26 @@ ngx_module_t  ngx_http_llmlimit_module = {
 };
 
 
+/*
+ * The stores, in the order llmlimit_zone offers them its parameters and
+ * its zone (see ngx_http_llmlimit_store_t): a new kind of store is one
+ * line here.  The shared-memory store takes any zone, it comes last.
+ */
+
+static ngx_http_llmlimit_store_t  *ngx_http_llmlimit_stores[] = {
+    &ngx_http_llmlimit_redis_store,
+    &ngx_http_llmlimit_shm_store,
+    NULL
+};
+
+
+/* by NGX_HTTP_LLMLIMIT_SLIDING, FIXED, GCRA */
+
+static char  *ngx_http_llmlimit_algorithms[] = {
+    "sliding", "fixed", "gcra"
+};
+
+
 #define NGX_HTTP_LLMLIMIT_VAR_STATUS      0
 #define NGX_HTTP_LLMLIMIT_VAR_CATEGORY    1
 #define NGX_HTTP_LLMLIMIT_VAR_LIMIT       2
@@ -1226,10 +1246,11 @@ ngx_http_llmlimit_get_table(ngx_conf_t *cf, ngx_str_t *name)
 static char *
 ngx_http_llmlimit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    char                           *rv;
     ssize_t                         size;
+    ngx_int_t                       rc;
     ngx_str_t                      *value, s;
     ngx_uint_t                      i;
+    ngx_http_llmlimit_store_t     **store;
     ngx_http_llmlimit_zone_t       *zone;
     ngx_http_llmlimit_zone_decl_t  *zd;
 
@@ -1274,27 +1295,45 @@ ngx_http_llmlimit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     for (i = 3; i < cf->args->nelts; i++) {
 
-        if (ngx_strncmp(value[i].data, "redis", 5) == 0) {
-            rv = ngx_http_llmlimit_redis_option(cf, zone, &value[i]);
-            if (rv != NGX_CONF_OK) {
-                return rv;
+        for (store = ngx_http_llmlimit_stores; *store; store++) {
+
+            if ((*store)->option == NULL) {
+                continue;
             }
 
-            continue;
+            rc = (*store)->option(cf, zone, &value[i]);
+
+            if (rc == NGX_ERROR) {
+                return NGX_CONF_ERROR;
+            }
+
+            if (rc == NGX_OK) {
+                break;
+            }
         }
 
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\"", &value[i]);
-        return NGX_CONF_ERROR;
+        if (*store == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\"", &value[i]);
+            return NGX_CONF_ERROR;
+        }
     }
 
-    rv = ngx_http_llmlimit_redis_conf_done(cf, zone);
-    if (rv != NGX_CONF_OK) {
-        return rv;
-    }
+    /* the first store to take the zone counts in it */
 
-    zone->store = zone->redis ? &ngx_http_llmlimit_redis_store
-                              : &ngx_http_llmlimit_shm_store;
+    for (store = ngx_http_llmlimit_stores; *store; store++) {
+
+        rc = (*store)->conf_done(cf, zone);
+
+        if (rc == NGX_ERROR) {
+            return NGX_CONF_ERROR;
+        }
+
+        if (rc == NGX_OK) {
+            zone->store = *store;
+            break;
+        }
+    }
 
     zone->shm_zone = ngx_shared_memory_add(cf, &value[1], size,
                                            &ngx_http_llmlimit_module);
@@ -1308,7 +1347,7 @@ ngx_http_llmlimit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    zone->shm_zone->init = ngx_http_llmlimit_shm_init_zone;
+    zone->shm_zone->init = zone->store->init_zone;
     zone->shm_zone->data = zone;
 
     return NGX_CONF_OK;
@@ -1767,6 +1806,7 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
     ngx_http_handler_pt              *h;
     ngx_http_core_main_conf_t        *cmcf;
     ngx_http_llmlimit_zone_decl_t   **zones;
+    ngx_http_llmlimit_table_t        *table;
     ngx_http_llmlimit_main_conf_t    *lmcf;
     ngx_http_llmlimit_table_decl_t  **tables;
 
@@ -1792,6 +1832,20 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
                           "unknown llmlimit_rules \"%V\" in %V:%ui",
                           &tables[i]->table.name, &tables[i]->ref.file,
                           tables[i]->ref.line);
+            return NGX_ERROR;
+        }
+
+        table = &tables[i]->table;
+
+        if (!(table->zone->store->algorithms & (1 << table->algorithm))) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "algorithm=%s of llmlimit_rules \"%V\" in %V:%ui "
+                          "is not supported by the %s store of "
+                          "llmlimit_zone \"%V\"",
+                          ngx_http_llmlimit_algorithms[table->algorithm],
+                          &table->name, &tables[i]->ref.file,
+                          tables[i]->ref.line, table->zone->store->name,
+                          &table->zone->name);
             return NGX_ERROR;
         }
     }
@@ -1830,6 +1884,7 @@ static ngx_int_t
 ngx_http_llmlimit_init_module(ngx_cycle_t *cycle)
 {
     ngx_uint_t                       i;
+    ngx_http_llmlimit_zone_t        *zone;
     ngx_http_llmlimit_zone_decl_t  **zones;
     ngx_http_llmlimit_main_conf_t   *lmcf;
 
@@ -1841,9 +1896,10 @@ ngx_http_llmlimit_init_module(ngx_cycle_t *cycle)
     zones = lmcf->zones.elts;
 
     for (i = 0; i < lmcf->zones.nelts; i++) {
-        if (zones[i]->zone.redis
-            && ngx_http_llmlimit_redis_init_module(cycle, &zones[i]->zone)
-               != NGX_OK)
+        zone = &zones[i]->zone;
+
+        if (zone->store->init_module
+            && zone->store->init_module(cycle, zone) != NGX_OK)
         {
             return NGX_ERROR;
         }
@@ -1857,6 +1913,7 @@ static ngx_int_t
 ngx_http_llmlimit_init_process(ngx_cycle_t *cycle)
 {
     ngx_uint_t                       i;
+    ngx_http_llmlimit_zone_t        *zone;
     ngx_http_llmlimit_zone_decl_t  **zones;
     ngx_http_llmlimit_main_conf_t   *lmcf;
 
@@ -1868,9 +1925,10 @@ ngx_http_llmlimit_init_process(ngx_cycle_t *cycle)
     zones = lmcf->zones.elts;
 
     for (i = 0; i < lmcf->zones.nelts; i++) {
-        if (zones[i]->zone.redis
-            && ngx_http_llmlimit_redis_init_process(cycle, &zones[i]->zone)
-               != NGX_OK)
+        zone = &zones[i]->zone;
+
+        if (zone->store->init_process
+            && zone->store->init_process(cycle, zone) != NGX_OK)
         {
             return NGX_ERROR;
         }
@@ -1884,6 +1942,7 @@ static void
 ngx_http_llmlimit_exit_process(ngx_cycle_t *cycle)
 {
     ngx_uint_t                       i;
+    ngx_http_llmlimit_zone_t        *zone;
     ngx_http_llmlimit_zone_decl_t  **zones;
     ngx_http_llmlimit_main_conf_t   *lmcf;
 
@@ -1899,8 +1958,10 @@ ngx_http_llmlimit_exit_process(ngx_cycle_t *cycle)
     zones = lmcf->zones.elts;
 
     for (i = 0; i < lmcf->zones.nelts; i++) {
-        if (zones[i]->zone.redis) {
-            ngx_http_llmlimit_redis_exit_process(cycle, &zones[i]->zone);
+        zone = &zones[i]->zone;
+
+        if (zone->store->exit_process) {
+            zone->store->exit_process(cycle, zone);
         }
     }
 }

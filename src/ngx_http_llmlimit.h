@@ -203,11 +203,37 @@ struct ngx_http_llmlimit_batch_s {
  * answered 503, or it was freed before a decision); a count the store may
  * still make (a reply owed after a timeout) is taken back when it is
  * known.  Calling it again does nothing.
+ *
+ * Configuration: llmlimit_zone offers each of its "key=value" parameters
+ * to the stores in the order of registration (ngx_http_llmlimit_stores[]
+ * in ngx_http_llmlimit_module.c); option() returns NGX_OK if it took the
+ * parameter, NGX_DECLINED if it is not its own, NGX_ERROR (logged) if it
+ * is invalid.  Then conf_done() of each store in the same order: the first
+ * to return NGX_OK is the zone's store; NGX_DECLINED passes the zone on.
+ * "algorithms" are the algorithms the store can count (bits
+ * 1 << NGX_HTTP_LLMLIMIT_*).  option, init_module, init_process and
+ * exit_process may be NULL.
  */
 struct ngx_http_llmlimit_store_s {
+    char       *name;
+    ngx_uint_t  algorithms;
+    ngx_int_t (*option)(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
+                        ngx_str_t *value);
+    ngx_int_t (*conf_done)(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone);
+    ngx_int_t (*init_zone)(ngx_shm_zone_t *shm_zone, void *data);
+    ngx_int_t (*init_module)(ngx_cycle_t *cycle,
+                             ngx_http_llmlimit_zone_t *zone);
+    ngx_int_t (*init_process)(ngx_cycle_t *cycle,
+                              ngx_http_llmlimit_zone_t *zone);
     ngx_int_t (*check)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
     void      (*refund)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
+    void      (*exit_process)(ngx_cycle_t *cycle,
+                              ngx_http_llmlimit_zone_t *zone);
 };
+
+#define NGX_HTTP_LLMLIMIT_ALL_ALGORITHMS                                     \
+    (1 << NGX_HTTP_LLMLIMIT_SLIDING | 1 << NGX_HTTP_LLMLIMIT_FIXED           \
+     | 1 << NGX_HTTP_LLMLIMIT_GCRA)
 
 
 extern ngx_module_t                     ngx_http_llmlimit_module;
@@ -261,9 +287,9 @@ void ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
 
 
 /* src/ngx_http_llmlimit_redis.c */
-char *ngx_http_llmlimit_redis_option(ngx_conf_t *cf,
+ngx_int_t ngx_http_llmlimit_redis_option(ngx_conf_t *cf,
     ngx_http_llmlimit_zone_t *zone, ngx_str_t *value);
-char *ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
+ngx_int_t ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
     ngx_http_llmlimit_zone_t *zone);
 ngx_int_t ngx_http_llmlimit_redis_init_module(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);

@@ -279,8 +279,16 @@ static void ngx_http_llmlimit_redis_free_connection(void *data);
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
+    "redis",
+    NGX_HTTP_LLMLIMIT_ALL_ALGORITHMS,
+    ngx_http_llmlimit_redis_option,
+    ngx_http_llmlimit_redis_conf_done,
+    ngx_http_llmlimit_shm_init_zone,
+    ngx_http_llmlimit_redis_init_module,
+    ngx_http_llmlimit_redis_init_process,
     ngx_http_llmlimit_redis_check,
-    ngx_http_llmlimit_redis_refund
+    ngx_http_llmlimit_redis_refund,
+    ngx_http_llmlimit_redis_exit_process
 };
 
 
@@ -1745,9 +1753,12 @@ ngx_http_llmlimit_redis_free_connection(void *data)
 }
 
 
-/* configuration */
+/*
+ * configuration: the parameters of llmlimit_zone that start with "redis",
+ * shared with the stores that use a Redis connection of their own
+ */
 
-char *
+ngx_int_t
 ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
     ngx_str_t *value)
 {
@@ -1756,12 +1767,16 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
     ngx_url_t                   u;
     ngx_http_llmlimit_redis_t  *redis;
 
+    if (ngx_strncmp(value->data, "redis", 5) != 0) {
+        return NGX_DECLINED;
+    }
+
     redis = zone->redis;
 
     if (redis == NULL) {
         redis = ngx_pcalloc(cf->pool, sizeof(ngx_http_llmlimit_redis_t));
         if (redis == NULL) {
-            return NGX_CONF_ERROR;
+            return NGX_ERROR;
         }
 
         redis->zone = zone;
@@ -1791,17 +1806,17 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "unix socket path too long in \"%V\"",
                                    value);
-                return NGX_CONF_ERROR;
+                return NGX_ERROR;
             }
 
             redis->path = ngx_pnalloc(cf->pool, s.len - 5 + 1);
             if (redis->path == NULL) {
-                return NGX_CONF_ERROR;
+                return NGX_ERROR;
             }
 
             ngx_cpystrn((u_char *) redis->path, s.data + 5, s.len - 5 + 1);
 
-            return NGX_CONF_OK;
+            return NGX_OK;
         }
 
         ngx_memzero(&u, sizeof(ngx_url_t));
@@ -1815,7 +1830,7 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
                                    "%s in \"%V\"", u.err, value);
             }
 
-            return NGX_CONF_ERROR;
+            return NGX_ERROR;
         }
 
         if (u.family == AF_UNIX || u.uri.len || u.naddrs == 0) {
@@ -1824,7 +1839,7 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
 
         redis->host = ngx_pnalloc(cf->pool, NGX_SOCKADDR_STRLEN + 1);
         if (redis->host == NULL) {
-            return NGX_CONF_ERROR;
+            return NGX_ERROR;
         }
 
         p = (u_char *) redis->host;
@@ -1834,7 +1849,7 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
 
         redis->port = ngx_inet_get_port(u.addrs[0].sockaddr);
 
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strncmp(value->data, "redis_db=", 9) == 0) {
@@ -1848,7 +1863,7 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
             goto invalid;
         }
 
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strncmp(value->data, "redis_password=", 15) == 0) {
@@ -1864,7 +1879,7 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
             goto invalid;
         }
 
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strncmp(value->data, "redis_timeout=", 14) == 0) {
@@ -1881,7 +1896,7 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
             goto invalid;
         }
 
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strncmp(value->data, "redis_prefix=", 13) == 0) {
@@ -1902,10 +1917,10 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
         {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "braces are not allowed in \"%V\"", value);
-            return NGX_CONF_ERROR;
+            return NGX_ERROR;
         }
 
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strncmp(value->data, "redis_failure=", 14) == 0) {
@@ -1926,28 +1941,26 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
             goto invalid;
         }
 
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\"", value);
-    return NGX_CONF_ERROR;
+    return NGX_DECLINED;
 
 invalid:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "invalid value \"%V\"", value);
-    return NGX_CONF_ERROR;
+    return NGX_ERROR;
 
 duplicate:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "duplicate parameter \"%V\"", value);
-    return NGX_CONF_ERROR;
+    return NGX_ERROR;
 }
 
 
-char *
+ngx_int_t
 ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
     ngx_http_llmlimit_zone_t *zone)
 {
@@ -1958,14 +1971,14 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
     redis = zone->redis;
 
     if (redis == NULL) {
-        return NGX_CONF_OK;
+        return NGX_DECLINED;
     }
 
     if (redis->addr.data == NULL) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "redis parameters of zone \"%V\" "
                            "require \"redis=\"", &zone->name);
-        return NGX_CONF_ERROR;
+        return NGX_ERROR;
     }
 
     if (redis->timeout == NGX_CONF_UNSET_MSEC) {
@@ -1978,7 +1991,7 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
 
     redis->sha.data = ngx_pnalloc(cf->pool, 40);
     if (redis->sha.data == NULL) {
-        return NGX_CONF_ERROR;
+        return NGX_ERROR;
     }
 
     ngx_sha1_init(&sha1);
@@ -1989,7 +2002,7 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
     redis->sha.len = ngx_hex_dump(redis->sha.data, digest, 20)
                      - redis->sha.data;
 
-    return NGX_CONF_OK;
+    return NGX_OK;
 }
 
 

@@ -55,6 +55,8 @@ typedef struct {
 
 static ngx_int_t ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b, ngx_uint_t charge);
+static ngx_int_t ngx_http_llmlimit_shm_conf_done(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone);
 static ngx_int_t ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
@@ -78,9 +80,19 @@ static void ngx_http_llmlimit_rbtree_insert_value(ngx_rbtree_node_t *temp,
     ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 
 
+/* the store of a zone that no other store takes: registered last */
+
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_shm_store = {
+    "shm",
+    NGX_HTTP_LLMLIMIT_ALL_ALGORITHMS,
+    NULL,
+    ngx_http_llmlimit_shm_conf_done,
+    ngx_http_llmlimit_shm_init_zone,
+    NULL,
+    NULL,
     ngx_http_llmlimit_shm_store_check,
-    ngx_http_llmlimit_shm_store_refund
+    ngx_http_llmlimit_shm_store_refund,
+    NULL
 };
 
 
@@ -258,6 +270,14 @@ ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
 
 
 /* the store interface: what was counted here is known to be taken back */
+
+static ngx_int_t
+ngx_http_llmlimit_shm_conf_done(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    return NGX_OK;
+}
+
 
 static ngx_int_t
 ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
