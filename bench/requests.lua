@@ -90,6 +90,7 @@ local function build(keys, size, pipeline)
                           ["User-Agent"] = "llmlimit-bench" }
 
         if t[3] == "key" then
+            -- bench/run.sh's KEY_FORMAT: its key directory holds these
             headers["x-api-key"] =
                 string.format("lsv2_pt_%08d5f3c9e1a2b7d4c6e8f0a1b2c3d4e5f_b",
                               k)

@@ -14,6 +14,8 @@ DURATION=${BENCH_DURATION:-10}          # seconds per measured run
 ROUNDS=${BENCH_ROUNDS:-5}               # round-robin rounds
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 KEYS=${BENCH_KEYS:-10000}               # distinct API keys in the mix
+# the x-api-key of key number i (0 .. KEYS - 1), as bench/requests.lua sends it
+KEY_FORMAT='lsv2_pt_%08d5f3c9e1a2b7d4c6e8f0a1b2c3d4e5f_b'
 PIPELINE=${BENCH_PIPELINE:-1}           # requests per write (1: none)
 PORT=${BENCH_PORT:-18480}
 REDIS_PORT=${BENCH_REDIS_PORT:-18479}
@@ -108,6 +110,7 @@ port_free() {
 # "bench".  $1: limits: "raised" (x100000 up to the largest COUNT, every
 # request passes), "one"
 # (1/1d: every request past the first per counter is rejected), "table".
+# $2: more parameters of the table (plan=...), optional.
 langsmith_table() {
     local src=$BENCH/langsmith.rules
 
@@ -130,10 +133,11 @@ langsmith_table() {
         }
     ' "$1" "$src" \
     | perl -pe '
-        BEGIN { $mode = shift @ARGV; }
+        BEGIN { ($mode, $params) = splice @ARGV, 0, 2; }
         s/^(\s*llmlimit_rules\s+)\S+/${1}langsmith/;
         s/\bzone=\S+?(\s|;|\{)/zone=bench$1/;
         s/\@ZONE\@/bench/g;
+        s/\s*\{\s*$/  $params {\n/ if $params ne "" && /^\s*llmlimit_rules/;
         next if /^\s*llmlimit_rules/;
         if ($mode eq "raised") {
             # x100000, within the largest COUNT (2^29 - 1)
@@ -142,7 +146,18 @@ langsmith_table() {
         } elsif ($mode eq "one") {
             s{(?<![\w.])(\d+)/(\d+[a-z]*)}{1/1d}g;
         }
-    ' "$1"
+    ' "$1" "${2:-}"
+}
+
+
+# The key directory of llmlimit-shm-keys, once per run: every API key the
+# mix sends (KEYS), as a deployment would hold them: by their SHA-256, with
+# a plan, an organisation (ten keys each) and a short key.
+keys_file() {
+    [ -s "$RUN/keys.json" ] && return 0
+    perl "$BENCH/keys-gen.pl" "$KEYS" "$KEY_FORMAT" > "$RUN/keys.json.tmp"
+    chmod 644 "$RUN/keys.json.tmp"
+    mv "$RUN/keys.json.tmp" "$RUN/keys.json"
 }
 
 
@@ -160,15 +175,29 @@ write_conf() {
         http="limit_req_zone \$http_x_api_key zone=bench:64m rate=1000000r/s;"
         loc="limit_req zone=bench burst=1000000 nodelay;"
         ;;
-    llmlimit-shm | llmlimit-redis | llmlimit-reject | llmlimit-reject-quiet \
-    | llmlimit-reject-logall)
-        local redis="" limits=raised
+    llmlimit-shm | llmlimit-shm-keys | llmlimit-redis | llmlimit-reject \
+    | llmlimit-reject-quiet | llmlimit-reject-logall)
+        local redis="" limits=raised params=""
         if [ "$scn" = llmlimit-redis ]; then redis=" redis=127.0.0.1:$REDIS_PORT"; fi
         case $scn in llmlimit-reject*) limits=one ;; esac
         load="load_module $MODULE;"
-        http="llmlimit_zone bench 64m$redis;
-$(langsmith_table $limits)"
-        loc="llmlimit langsmith;"
+        # -keys: a key directory of every API key of the mix; the table's
+        # plan= is the key's plan, evaluated for every request the table
+        # matches (all of them), so every request looks its key up; the
+        # rules and limits are llmlimit-shm's
+        if [ "$scn" = llmlimit-shm-keys ]; then
+            keys_file
+            load="$load
+thread_pool  llmlimit_keys  threads=1;"
+            http="llmlimit_keys $RUN/keys.json thread_pool=llmlimit_keys;
+    "
+            params="plan=\$llmlimit_key_plan"
+            loc="llmlimit_key \$http_x_api_key;
+            "
+        fi
+        http="${http}llmlimit_zone bench 64m$redis;
+$(langsmith_table $limits "$params")"
+        loc="${loc}llmlimit langsmith;"
         # rejections: by default up to 100 error-log lines a second are
         # written and the rest counted; -quiet logs below the error_log
         # level (no line at all), -logall writes one line per rejection
@@ -579,7 +608,8 @@ sub median {
 }
 
 my @sorted = grep { $rows{$_} }
-             qw(bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject
+             qw(bare limit_req llmlimit-shm llmlimit-shm-keys llmlimit-redis
+                llmlimit-reject
                 llmlimit-reject-quiet llmlimit-reject-logall);
 my %known = map { $_ => 1 } @sorted;
 push @sorted, grep { !$known{$_} } @order;
