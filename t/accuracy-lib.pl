@@ -412,7 +412,7 @@ sub spread_timers {
 
         my $w = time + 10 * $slow;
         sleep 0.01 while time < $w
-                         && (kill(0, $pid) || $t->workers < 2);
+                         && (kill(0, $pid) || (() = $t->workers) < 2);
         sleep 0.1;
 
         my @c2 = worker_conns($t, 2, '/pid');
