@@ -12,7 +12,7 @@ DEB_PKGS    = nginx nginx-dev libhiredis-dev libjansson-dev libpcre2-dev \
               libssl-dev zlib1g-dev redis-server wrk perl gcc make
 
 .PHONY: all build build-release build-src deps run test test-valgrind bench \
-        clean
+        clean deb
 
 all: build
 
@@ -139,3 +139,32 @@ test-valgrind: deps build
 bench: DEB_PKGS += valgrind gnuplot-nox curl
 bench: deps build
 	BENCH_MODULE=$(MODULE) bench/run.sh
+
+# --- the Debian package -----------------------------------------------------
+
+# make deb: libnginx-mod-http-llmlimit_VERSION_ARCH.deb in $(BUILD), built
+# by dpkg-buildpackage from a copy of the tree under $(DEB_DIR) (its output
+# goes to the parent directory of that copy), then checked by lintian
+# (errors fail the target).  debhelper's nginx_mod build system configures
+# against Debian's nginx-dev and dh_nginx adds the nginx-abi dependency.
+DEB_DIR     = $(BUILD)/deb
+DEB_NAME    = libnginx-mod-http-llmlimit
+DEB_VERSION = $(shell dpkg-parsechangelog -l debian/changelog -S Version 2>/dev/null)
+DEB_ARCH    = $(shell dpkg --print-architecture)
+DEB_FILE    = $(BUILD)/$(DEB_NAME)_$(DEB_VERSION)_$(DEB_ARCH).deb
+
+deb: DEB_PKGS += debhelper dpkg-dev fakeroot lintian
+deb: deps
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_DIR)/$(DEB_NAME)
+	tar -C $(CURDIR) --exclude=./build --exclude=./.git \
+	    --exclude='*.o' --exclude='*.so' -cf - . \
+	    | tar -C $(DEB_DIR)/$(DEB_NAME) -xf -
+	cd $(DEB_DIR)/$(DEB_NAME) && \
+	    dpkg-buildpackage -b -us -uc > $(DEB_DIR)/build.log 2>&1 \
+	    || { tail -40 $(DEB_DIR)/build.log; exit 1; }
+	cp $(DEB_DIR)/$(DEB_NAME)_$(DEB_VERSION)_$(DEB_ARCH).deb $(DEB_FILE)
+	dpkg-deb -f $(DEB_FILE) Package Version Architecture Depends
+	set -o pipefail; lintian --fail-on error --info $(DEB_DIR)/*.changes \
+	    | tee $(DEB_DIR)/lintian.log
+	@echo "$(DEB_FILE)"
