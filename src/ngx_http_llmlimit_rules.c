@@ -762,6 +762,30 @@ ngx_http_llmlimit_parse_path(ngx_conf_t *cf, ngx_http_llmlimit_rule_t *rule,
 }
 
 
+#if (NGX_PCRE2)
+
+/* the bounded match's context and data, per worker */
+static pcre2_match_context  *ngx_http_llmlimit_regex_mc;
+static pcre2_match_data     *ngx_http_llmlimit_regex_md;
+
+
+static void
+ngx_http_llmlimit_regex_cleanup(void *data)
+{
+    if (ngx_http_llmlimit_regex_mc) {
+        pcre2_match_context_free(ngx_http_llmlimit_regex_mc);
+        ngx_http_llmlimit_regex_mc = NULL;
+    }
+
+    if (ngx_http_llmlimit_regex_md) {
+        pcre2_match_data_free(ngx_http_llmlimit_regex_md);
+        ngx_http_llmlimit_regex_md = NULL;
+    }
+}
+
+#endif
+
+
 #if (NGX_PCRE)
 
 /*
@@ -783,34 +807,41 @@ ngx_http_llmlimit_regex_match(ngx_http_request_t *r,
     static ngx_uint_t            failed;
 
 #if (NGX_PCRE2)
-    static pcre2_match_data     *md;
-    static pcre2_match_context  *mc;
+    ngx_pool_cleanup_t          *cln;
 
-    if (mc == NULL) {
-        mc = pcre2_match_context_create(NULL);
-        md = pcre2_match_data_create(1, NULL);
+    if (ngx_http_llmlimit_regex_mc == NULL) {
 
-        if (mc == NULL || md == NULL) {
-            if (mc) {
-                pcre2_match_context_free(mc);
-                mc = NULL;
-            }
+        /* once per worker, freed with its cycle */
 
-            if (md) {
-                pcre2_match_data_free(md);
-                md = NULL;
-            }
-
+        cln = ngx_pool_cleanup_add(ngx_cycle->pool, 0);
+        if (cln == NULL) {
             rc = PCRE2_ERROR_NOMEMORY;
             goto failed;
         }
 
-        pcre2_set_match_limit(mc, NGX_HTTP_LLMLIMIT_REGEX_MATCH_LIMIT);
-        pcre2_set_depth_limit(mc, NGX_HTTP_LLMLIMIT_REGEX_DEPTH_LIMIT);
-        pcre2_set_heap_limit(mc, NGX_HTTP_LLMLIMIT_REGEX_HEAP_LIMIT);
+        cln->handler = ngx_http_llmlimit_regex_cleanup;
+
+        ngx_http_llmlimit_regex_mc = pcre2_match_context_create(NULL);
+        ngx_http_llmlimit_regex_md = pcre2_match_data_create(1, NULL);
+
+        if (ngx_http_llmlimit_regex_mc == NULL
+            || ngx_http_llmlimit_regex_md == NULL)
+        {
+            ngx_http_llmlimit_regex_cleanup(NULL);
+            rc = PCRE2_ERROR_NOMEMORY;
+            goto failed;
+        }
+
+        pcre2_set_match_limit(ngx_http_llmlimit_regex_mc,
+                              NGX_HTTP_LLMLIMIT_REGEX_MATCH_LIMIT);
+        pcre2_set_depth_limit(ngx_http_llmlimit_regex_mc,
+                              NGX_HTTP_LLMLIMIT_REGEX_DEPTH_LIMIT);
+        pcre2_set_heap_limit(ngx_http_llmlimit_regex_mc,
+                             NGX_HTTP_LLMLIMIT_REGEX_HEAP_LIMIT);
     }
 
-    rc = pcre2_match(re, r->uri.data, r->uri.len, 0, 0, md, mc);
+    rc = pcre2_match(re, r->uri.data, r->uri.len, 0, 0,
+                     ngx_http_llmlimit_regex_md, ngx_http_llmlimit_regex_mc);
 
     if (rc == PCRE2_ERROR_NOMATCH) {
         return 0;
