@@ -9,10 +9,10 @@ NGX_CC_OPT  = -g -O2 -Wall -Wextra -Werror -fPIC $(CC_OPT)
 NGX_LD_OPT  = -fPIC $(LD_OPT)
 RELEASE     = $(BUILD)/release
 DEB_PKGS    = nginx nginx-dev libhiredis-dev libjansson-dev libpcre2-dev \
-              libssl-dev zlib1g-dev redis-server wrk perl gcc make
+              libssl-dev zlib1g-dev redis-server wrk perl gcc make curl
 
 .PHONY: all build build-release build-src deps run test test-valgrind bench \
-        clean deb
+        clean nginx-source test-asan asan deb fuzz fuzz-build
 
 all: build
 
@@ -139,6 +139,88 @@ test-valgrind: deps build
 bench: DEB_PKGS += valgrind gnuplot-nox curl
 bench: deps build
 	BENCH_MODULE=$(MODULE) bench/run.sh
+
+# --- nginx under AddressSanitizer ------------------------------------------
+
+# Debian's nginx sources, fetched with an apt configuration of build/'s own
+# (a deb-src list, its own lists and cache; /etc/apt is never touched): the
+# version of the installed nginx-dev if the archive still serves it, else
+# the newest one it does.  Unpacked with Debian's patches in $(NGX_DEB_SRC).
+APT_DIR     = $(BUILD)/apt
+APT_OPTS    = -q -o Dir::Etc::sourcelist=$(APT_DIR)/sources.list \
+              -o Dir::Etc::sourceparts=- -o Dir::State::Lists=$(APT_DIR)/lists \
+              -o Dir::Cache=$(APT_DIR)/cache \
+              -o APT::Sandbox::User=$$(id -un)
+NGX_DEB_SRC = $(BUILD)/nginx-deb-src
+DEB_MIRROR ?= http://deb.debian.org
+
+nginx-source: $(NGX_DEB_SRC)/src/core/nginx.h
+
+$(NGX_DEB_SRC)/src/core/nginx.h:
+	rm -rf $(APT_DIR) $(NGX_DEB_SRC)
+	mkdir -p $(APT_DIR)/lists/partial $(APT_DIR)/cache/archives/partial \
+	    $(APT_DIR)/dl
+	printf 'deb-src $(DEB_MIRROR)/debian %s main\n' \
+	    bookworm bookworm-updates > $(APT_DIR)/sources.list
+	printf 'deb-src $(DEB_MIRROR)/debian-security bookworm-security main\n' \
+	    >> $(APT_DIR)/sources.list
+	apt-get $(APT_OPTS) update
+	cd $(APT_DIR)/dl && \
+	    want=$$(dpkg-query -W -f='$${Version}' nginx-dev 2>/dev/null); \
+	    for v in $$want $$(apt-cache $(APT_OPTS) showsrc nginx \
+	                  | sed -n 's/^Version: //p' | sort -rV); do \
+	        rm -f ./*; \
+	        apt-get $(APT_OPTS) source --download-only "nginx=$$v" \
+	            && break; \
+	    done; \
+	    dpkg-source --no-check -x nginx_*.dsc $(NGX_DEB_SRC)
+	test -f $@
+
+# make test-asan: nginx itself and the module built from those sources with
+# -fsanitize=address,undefined (pools allocating each block apart,
+# NGX_DEBUG_PALLOC, so that ASan sees overruns inside a pool), then the
+# whole suite against that nginx.  Every sanitizer report lands in
+# $(ASAN_LOGS) and fails the run.
+ASAN        = $(BUILD)/asan
+ASAN_NGINX  = $(ASAN)/nginx/objs/nginx
+ASAN_MODULE = $(ASAN)/nginx/objs/ngx_http_llmlimit_module.so
+ASAN_LOGS   = $(ASAN)/reports
+SAN_FLAGS   = -fsanitize=address,undefined -fno-omit-frame-pointer
+ASAN_CC_OPT = -g -O1 $(SAN_FLAGS) -DNGX_DEBUG_PALLOC=1 -Wall -Wextra \
+              -Werror -fPIC
+ASAN_ENV    = ASAN_OPTIONS=log_path=$(ASAN_LOGS)/asan:detect_leaks=1:abort_on_error=0:detect_odr_violation=0 \
+              UBSAN_OPTIONS=log_path=$(ASAN_LOGS)/ubsan:print_stacktrace=1 \
+              LSAN_OPTIONS=suppressions=$(CURDIR)/t/asan.supp:print_suppressions=0
+asan: DEB_PKGS += dpkg-dev
+asan: deps $(ASAN_NGINX)
+
+$(ASAN)/nginx/objs/Makefile: $(NGX_DEB_SRC)/src/core/nginx.h \
+                             $(NGX_SRC)/conf_flags config
+	rm -rf $(ASAN)/nginx
+	mkdir -p $(ASAN)
+	cp -r $(NGX_DEB_SRC) $(ASAN)/nginx
+	cd $(ASAN)/nginx && . $(NGX_SRC)/conf_flags && \
+	    ./configure "$${NGX_CONF_FLAGS[@]}" \
+	        --with-cc-opt="$(ASAN_CC_OPT)" --with-ld-opt="$(SAN_FLAGS)" \
+	        --add-dynamic-module=$(CURDIR) > $(ASAN)/configure.log
+
+$(ASAN_NGINX): $(ASAN)/nginx/objs/Makefile $(SOURCES)
+	$(MAKE) -C $(ASAN)/nginx -f objs/Makefile -j$$(nproc)
+
+test-asan: DEB_PKGS += dpkg-dev
+test-asan: deps $(ASAN_NGINX)
+	rm -rf $(ASAN_LOGS)
+	mkdir -p $(ASAN_LOGS)
+	chmod 0777 $(ASAN_LOGS)     # workers run as nobody
+	$(ASAN_ENV) LLMLIMIT_NGINX=$(ASAN_NGINX) LLMLIMIT_MODULE=$(ASAN_MODULE) \
+	    LLMLIMIT_SLOW=$${LLMLIMIT_SLOW:-3} \
+	    $(PROVE) -r $(PROVE_OPTS) $(TESTS); rc=$$?; \
+	    reports=$$(ls $(ASAN_LOGS)); \
+	    if [ -n "$$reports" ]; then \
+	        for f in $(ASAN_LOGS)/*; do echo "== $$f"; head -60 "$$f"; done; \
+	        echo "test-asan: sanitizer reports in $(ASAN_LOGS)" >&2; exit 1; \
+	    fi; \
+	    exit $$rc
 
 # --- the Debian package -----------------------------------------------------
 
