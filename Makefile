@@ -167,8 +167,9 @@ $(NGX_DEB_SRC)/src/core/nginx.h:
 	apt-get $(APT_OPTS) update
 	cd $(APT_DIR)/dl && \
 	    want=$$(dpkg-query -W -f='$${Version}' nginx-dev 2>/dev/null); \
-	    for v in $$want $$(apt-cache $(APT_OPTS) showsrc nginx \
-	                  | sed -n 's/^Version: //p' | sort -rV); do \
+	    for v in $$( { echo $$want; apt-cache $(APT_OPTS) showsrc nginx \
+	                   | sed -n 's/^Version: //p' | sort -rV; } \
+	                 | awk 'NF && !seen[$$0]++'); do \
 	        rm -f ./*; \
 	        apt-get $(APT_OPTS) source --download-only "nginx=$$v" \
 	            && break; \
@@ -213,6 +214,7 @@ test-asan: deps $(ASAN_NGINX)
 	mkdir -p $(ASAN_LOGS)
 	chmod 0777 $(ASAN_LOGS)     # workers run as nobody
 	$(ASAN_ENV) LLMLIMIT_NGINX=$(ASAN_NGINX) LLMLIMIT_MODULE=$(ASAN_MODULE) \
+	    LLMLIMIT_NGX_TREE=$(ASAN)/nginx \
 	    LLMLIMIT_SLOW=$${LLMLIMIT_SLOW:-3} \
 	    $(PROVE) -r $(PROVE_OPTS) $(TESTS); rc=$$?; \
 	    reports=$$(ls $(ASAN_LOGS)); \
