@@ -34,6 +34,19 @@
  */
 #define NGX_HTTP_LLMLIMIT_MAX_COUNT       ((1 << 29) - 1)
 
+/*
+ * A PATH regex runs on what the client sent, so its match is bounded:
+ * PCRE2's defaults (10 000 000 backtracking steps) let one request hold a
+ * worker for a long time with a catastrophic pattern such as "(a+)+$".
+ * A match that runs out of these gives up: the rule does not match.
+ */
+#define NGX_HTTP_LLMLIMIT_REGEX_MATCH_LIMIT   100000
+#define NGX_HTTP_LLMLIMIT_REGEX_DEPTH_LIMIT   10000
+#define NGX_HTTP_LLMLIMIT_REGEX_HEAP_LIMIT    1024          /* KiB */
+
+/* a regex that gave up is logged at most once a minute per worker */
+#define NGX_HTTP_LLMLIMIT_REGEX_LOG_EVERY     60
+
 
 typedef struct {
     ngx_uint_t                      type;
@@ -70,6 +83,10 @@ static char *ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf,
 static ngx_uint_t ngx_http_llmlimit_match_pattern(
     ngx_http_llmlimit_token_t *t, ngx_uint_t n, ngx_str_t *uri);
 static ngx_uint_t ngx_http_llmlimit_is_uuid(u_char *p, size_t len);
+#if (NGX_PCRE)
+static ngx_int_t ngx_http_llmlimit_regex_match(ngx_http_request_t *r,
+    ngx_http_llmlimit_table_t *table, ngx_uint_t i, ngx_regex_t *re);
+#endif
 
 
 static ngx_http_llmlimit_method_t  ngx_http_llmlimit_methods[] = {
@@ -101,10 +118,6 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
     ngx_http_llmlimit_rule_t    *rl;
     ngx_http_llmlimit_match_t   *m;
     ngx_http_variable_value_t   *vv;
-#if (NGX_PCRE)
-    ngx_int_t                    rc;
-#endif
-
     m = table->match;
     n = table->rules.nelts;
     method = r->method;
@@ -141,18 +154,8 @@ ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
 #if (NGX_PCRE)
         case NGX_HTTP_LLMLIMIT_PATH_REGEX:
 
-            rc = ngx_regex_exec(m->data, &r->uri, NULL, 0);
-
-            if (rc == NGX_REGEX_NO_MATCHED) {
+            if (!ngx_http_llmlimit_regex_match(r, table, i, m->data)) {
                 continue;
-            }
-
-            if (rc < 0) {
-                rl = (ngx_http_llmlimit_rule_t *) table->rules.elts + i;
-                ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
-                              ngx_regex_exec_n " failed: %i on \"%V\" "
-                              "using \"%V\"", rc, &r->uri, &rl->path);
-                return NGX_ERROR;
             }
 
             break;
@@ -757,6 +760,130 @@ ngx_http_llmlimit_parse_path(ngx_conf_t *cf, ngx_http_llmlimit_rule_t *rule,
 
     return NGX_CONF_OK;
 }
+
+
+#if (NGX_PCRE2)
+
+/* the bounded match's context and data, per worker */
+static pcre2_match_context  *ngx_http_llmlimit_regex_mc;
+static pcre2_match_data     *ngx_http_llmlimit_regex_md;
+
+
+static void
+ngx_http_llmlimit_regex_cleanup(void *data)
+{
+    if (ngx_http_llmlimit_regex_mc) {
+        pcre2_match_context_free(ngx_http_llmlimit_regex_mc);
+        ngx_http_llmlimit_regex_mc = NULL;
+    }
+
+    if (ngx_http_llmlimit_regex_md) {
+        pcre2_match_data_free(ngx_http_llmlimit_regex_md);
+        ngx_http_llmlimit_regex_md = NULL;
+    }
+}
+
+#endif
+
+
+#if (NGX_PCRE)
+
+/*
+ * 1 if the rule's regex matches the URI.  A match that fails (PCRE2's
+ * match, depth or heap limit above, or any other error) is no match: the
+ * walk goes on to the next rule, and the failure is logged at most once a
+ * minute per worker, with the number of failures since the last message.
+ * The client never sees an error for it.
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_regex_match(ngx_http_request_t *r,
+    ngx_http_llmlimit_table_t *table, ngx_uint_t i, ngx_regex_t *re)
+{
+    ngx_int_t                    rc;
+    ngx_http_llmlimit_rule_t    *rl;
+
+    static time_t                logged;
+    static ngx_uint_t            failed;
+
+#if (NGX_PCRE2)
+    ngx_pool_cleanup_t          *cln;
+
+    if (ngx_http_llmlimit_regex_mc == NULL) {
+
+        /* once per worker, freed with its cycle */
+
+        cln = ngx_pool_cleanup_add(ngx_cycle->pool, 0);
+        if (cln == NULL) {
+            rc = PCRE2_ERROR_NOMEMORY;
+            goto failed;
+        }
+
+        cln->handler = ngx_http_llmlimit_regex_cleanup;
+
+        ngx_http_llmlimit_regex_mc = pcre2_match_context_create(NULL);
+        ngx_http_llmlimit_regex_md = pcre2_match_data_create(1, NULL);
+
+        if (ngx_http_llmlimit_regex_mc == NULL
+            || ngx_http_llmlimit_regex_md == NULL)
+        {
+            ngx_http_llmlimit_regex_cleanup(NULL);
+            rc = PCRE2_ERROR_NOMEMORY;
+            goto failed;
+        }
+
+        pcre2_set_match_limit(ngx_http_llmlimit_regex_mc,
+                              NGX_HTTP_LLMLIMIT_REGEX_MATCH_LIMIT);
+        pcre2_set_depth_limit(ngx_http_llmlimit_regex_mc,
+                              NGX_HTTP_LLMLIMIT_REGEX_DEPTH_LIMIT);
+        pcre2_set_heap_limit(ngx_http_llmlimit_regex_mc,
+                             NGX_HTTP_LLMLIMIT_REGEX_HEAP_LIMIT);
+    }
+
+    rc = pcre2_match(re, r->uri.data, r->uri.len, 0, 0,
+                     ngx_http_llmlimit_regex_md, ngx_http_llmlimit_regex_mc);
+
+    if (rc == PCRE2_ERROR_NOMATCH) {
+        return 0;
+    }
+
+#else
+
+    rc = ngx_regex_exec(re, &r->uri, NULL, 0);
+
+    if (rc == NGX_REGEX_NO_MATCHED) {
+        return 0;
+    }
+
+#endif
+
+    if (rc >= 0) {
+        return 1;
+    }
+
+#if (NGX_PCRE2)
+failed:
+#endif
+
+    failed++;
+
+    if (ngx_time() - logged >= NGX_HTTP_LLMLIMIT_REGEX_LOG_EVERY) {
+        rl = (ngx_http_llmlimit_rule_t *) table->rules.elts + i;
+
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "llmlimit: regex \"%V\" gave up (" ngx_regex_exec_n
+                      " failed: %i) on a URI of %uz bytes, the rule does "
+                      "not match; %ui such failures in this worker since "
+                      "the last message", &rl->path, rc, r->uri.len, failed);
+
+        logged = ngx_time();
+        failed = 0;
+    }
+
+    return 0;
+}
+
+#endif
 
 
 static char *
