@@ -210,6 +210,12 @@ $(ASAN)/nginx/objs/Makefile: $(NGX_DEB_SRC)/src/core/nginx.h \
 $(ASAN_NGINX): $(ASAN)/nginx/objs/Makefile $(SOURCES)
 	$(MAKE) -C $(ASAN)/nginx -f objs/Makefile -j$$(nproc)
 
+# The whole suite but the accuracy files: they hold the module to exact
+# bounds measured with client-side timestamps against a tight clock, which
+# an instrumented nginx two to three times slower does not keep (they run in
+# make test); everything they send is sent by other files too.
+ASAN_TESTS ?= $(filter-out $(wildcard t/accuracy-*.t),$(wildcard t/*.t))
+
 test-asan: DEB_PKGS += dpkg-dev
 test-asan: deps $(ASAN_NGINX)
 	rm -rf $(ASAN_LOGS)
@@ -218,7 +224,7 @@ test-asan: deps $(ASAN_NGINX)
 	$(ASAN_ENV) LLMLIMIT_NGINX=$(ASAN_NGINX) LLMLIMIT_MODULE=$(ASAN_MODULE) \
 	    LLMLIMIT_NGX_TREE=$(ASAN)/nginx \
 	    LLMLIMIT_SLOW=$${LLMLIMIT_SLOW:-3} \
-	    $(PROVE) -r $(PROVE_OPTS) $(TESTS); rc=$$?; \
+	    $(PROVE) $(PROVE_OPTS) $(ASAN_TESTS); rc=$$?; \
 	    reports=$$(ls $(ASAN_LOGS)); \
 	    if [ -n "$$reports" ]; then \
 	        for f in $(ASAN_LOGS)/*; do echo "== $$f"; head -60 "$$f"; done; \
