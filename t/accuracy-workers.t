@@ -308,12 +308,15 @@ sub check_case {
     my $T = $req[-1][0] - $req[0][0];
 
     # the most: C per window the admitted ones touch (fixed, sliding),
-    # C + floor(L * C / P) over the L they span (gcra); the least: over
+    # C + floor(L * C / P) over the L they span (gcra: from the first sent
+    # to the last answered, which may be a stalled worker's); the least: over
     # the run, C * (T / P - 1)
     my $hi = !@adm ? 0
              : $algo eq 'gcra'
              ? bound_interval('gcra', $C, $P,
-                              $adm[-1][1] - $adm[0][0] + TICK)
+                              (sort { $b <=> $a } map { $_->[1] } @adm)[0]
+                              - $adm[0][0]
+                              + TICK)
              : $C * windows_touched(\@adm, $P);
     my (undef, $lo) = bound_total($C, $P, $T);
 
