@@ -309,6 +309,10 @@ for my $mode ([ 'a thread', '' ], [ 'slices (thread_pool=off)', 'thread_pool=off
         or die "listen: $!";
     my $port = $busy->sockport;
 
+    # both workers up (a slow nginx, under ASan, starts them late)
+    my $up = time + 10 * slow();
+    sleep 0.05 while (() = $t->workers) < 2 && time < $up;
+
     my $log_before = -s $t->error_log_file;
     my %old = map { $_ => 1 } $t->workers;
 
