@@ -106,13 +106,14 @@ ngx_int_t
 ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now)
 {
-    int64_t  need;
+    int64_t  need, remaining;
 
     ngx_http_llmlimit_roll(st, c, now);
 
     need = ngx_http_llmlimit_need(c);
+    remaining = ngx_http_llmlimit_remaining(st, c, now);
 
-    if (ngx_http_llmlimit_remaining(st, c, now) >= need) {
+    if (remaining >= need) {
         c->rejected = 0;
         return NGX_OK;
     }
@@ -120,7 +121,7 @@ ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
     /* the results of a counted request are set by count() */
 
     c->rejected = 1;
-    c->remaining = 0;
+    c->remaining = (ngx_uint_t) remaining;
     c->retry = (ngx_msec_t) ngx_http_llmlimit_wait(st, c, now, need);
     c->reset = c->retry;
 

@@ -200,7 +200,7 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
     }
 
     if (rc == NGX_OK) {
-        if (mode == NGX_HTTP_LLMLIMIT_SHM_CHECK) {
+        if (mode != NGX_HTTP_LLMLIMIT_SHM_TOKENS) {
             b->local_time = now;
         }
 
