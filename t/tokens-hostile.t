@@ -63,7 +63,7 @@ my $t = LLMLimit::Test->new(
         log_format tok '$uri $llmlimit_tokens $status';
         llmlimit_zone  z 4m;
         llmlimit_rules llm zone=z {
-            "Chat"  POST  *  $http_x_api_key  2000000000tokens/60s;
+            "Chat"  POST  *  $http_x_api_key  2000000000tokens/30d;
         }
     },
     config => qq{
@@ -137,7 +137,8 @@ sub run_case {
        "$name: the body as the upstream sent it (" . length($body) . ' bytes)');
     is($tokens, $expect, "$name: charged $expect");
 
-    # the budget tells the same
+    # the budget tells the same (a window of 30 days: no weighted share
+    # of a previous window while the test runs)
     my ($s2, undef, $head) = fetch('/buf/nested', $key);
     $n++;
     $t->wait_lines('tok.log', $n, 30);
