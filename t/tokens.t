@@ -67,11 +67,12 @@ sub logged {
 }
 
 
+# budgets of 30 days: no share of a previous window while a test runs
 my $HTTP = q{
     log_format tok '$llmlimit_tokens $status';
     llmlimit_zone  z 1m;
     llmlimit_rules llm zone=z {
-        "Chat"  POST  *  $http_x_api_key  1000/60s,10000tokens/60s;
+        "Chat"  POST  *  $http_x_api_key  1000/30d,10000tokens/30d;
     }
 };
 
@@ -287,7 +288,7 @@ for my $algo (qw(sliding fixed gcra)) {
             llmlimit_zone  z 1m;
             llmlimit_rules llm zone=z plan=$http_x_plan {
                 "Chat"  POST  *  $http_x_api_key
-                        hobby=3/60s,1000tokens/60s  pro=10/60s,70tokens/60s
+                        hobby=3/30d,1000tokens/30d  pro=10/30d,70tokens/30d
                         unlimited;
             }
         },
