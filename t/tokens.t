@@ -163,8 +163,9 @@ my $CONFIG = qq{
     is($r->header('x-ratelimit-limit-requests'), 1000, 'limit-requests');
     is($r->header('x-ratelimit-remaining-requests'), 1000 - @cases - 1,
        'remaining-requests');
-    like($r->header('x-ratelimit-reset-requests'), qr/^\d+(\.\d+)?m?s$/,
-         'reset-requests is a duration');
+    ok(defined openai_duration($r->header('x-ratelimit-reset-requests')),
+       'reset-requests is a duration: '
+       . $r->header('x-ratelimit-reset-requests'));
     is($r->header('anthropic-ratelimit-tokens-remaining'), $left,
        'anthropic-ratelimit-tokens-remaining');
     like($r->header('anthropic-ratelimit-requests-reset'),
@@ -364,8 +365,9 @@ for my $algo (qw(sliding fixed gcra)) {
     my $r = $t->req('GET /');
     is($r->header('x-ratelimit-limit-requests'), 5, 'openai: limit');
     is($r->header('x-ratelimit-remaining-requests'), 4, 'openai: remaining');
-    like($r->header('x-ratelimit-reset-requests'), qr/^(1m\d+(\.\d+)?s|\d+(\.\d+)?s)$/,
-         'openai: reset as a duration');
+    my $d = openai_duration($r->header('x-ratelimit-reset-requests'));
+    ok(defined $d && $d <= 600, 'openai: reset as a duration within 10m: '
+                                . $r->header('x-ratelimit-reset-requests'));
     is($r->header('anthropic-ratelimit-requests-limit'), 5, 'anthropic: limit');
     like($r->header('RateLimit-Policy'), qr/q=5/, 'ietf too');
     is($r->header('x-ratelimit-limit-tokens'), undef, 'no token budget: none');
