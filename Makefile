@@ -273,7 +273,7 @@ deb: deps
 # scanner and the usage API's parser; a harness for each goes in t/fuzz/
 # and its name in FUZZERS.
 FUZZ        = $(BUILD)/fuzz
-FUZZERS     = fuzz_rules fuzz_redis fuzz_algo
+FUZZERS     = fuzz_rules fuzz_redis fuzz_algo fuzz_tokens
 FUZZ_TIME  ?= 45
 FUZZ_SAN    = -fsanitize=address,undefined -fno-omit-frame-pointer \
               -fno-sanitize-recover=undefined
