@@ -514,9 +514,9 @@ ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
     rf = ngx_http_llmlimit_redis_refunds(b->zone->redis, n);
 
     if (rf == NULL) {
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "llmlimit zone \"%V\": Redis cannot be reached, "
-                      "%ui tokens not charged there", &b->zone->name, tokens);
+        /* Redis is lost (logged once): the charge too, as refunds are */
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "llmlimit redis: cannot charge %ui tokens", tokens);
         return;
     }
 
