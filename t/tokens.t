@@ -54,6 +54,8 @@ my $llm = LLMLimit::FakeLLM->new(
                           pieces => \@ANTHROPIC_SSE },
     '/openai-json'   => { pieces => [ substr($OPENAI_JSON, 0, 200),
                                       substr($OPENAI_JSON, 200) ] },
+    '/slow'          => { pieces => [ '{"usage":{"total_tokens":', '250}}' ],
+                          delay => 0.5 },
 );
 
 my $LLM = $llm->addr;
@@ -339,6 +341,48 @@ for my $algo (qw(sliding fixed gcra)) {
     $h{'X-Plan'} = 'free';
     $r = $t->req('POST /v1/openai', headers => \%h);
     is($r->header('x-ratelimit-limit-tokens'), undef, 'unlimited: no fields');
+
+    $t->stop;
+}
+
+
+# ---------------------------------------------------------------------------
+# concurrent requests each reserve their estimate: of six at once with an
+# estimate of 300 on a budget of 1000, three are admitted; they use 250
+# each, and the budget ends at 1000 - 750
+
+{
+    my $t = LLMLimit::Test->new(
+        name => 'concurrent estimates',
+        http => q{
+            llmlimit_zone  z 1m;
+            llmlimit_rules llm zone=z {
+                "Chat"  POST  *  $http_x_api_key  1000/30d,1000tokens/30d;
+            }
+        },
+        config => qq{
+            llmlimit llm;
+            llmlimit_headers openai;
+            llmlimit_tokens_estimate \$http_x_estimate;
+            location / { proxy_pass http://$LLM/; }
+        },
+        workers => 2)->start;
+
+    my $key = uid();
+    my @st = sort map { $_->{status} // 'error' } parallel(6, sub {
+        my $r = $t->req('POST /slow', headers => { 'X-Api-Key' => $key,
+                                                   'X-Estimate' => 300 });
+        return { status => $r->status };
+    });
+    is("@st", '200 200 200 429 429 429',
+       'three admitted: their estimates reserve 900 of 1000');
+
+    # their log phases ran as their responses went out: a margin
+    sleep 1 * slow();
+    my $r = $t->req('POST /slow', headers => { 'X-Api-Key' => $key,
+                                               'X-Estimate' => 0 });
+    is($r->header('x-ratelimit-remaining-tokens'), 250,
+       'the three charged 250 each, the estimates given back');
 
     $t->stop;
 }
