@@ -55,16 +55,16 @@
 #define NGX_HTTP_LLMLIMIT_U_DATA        5
 #define NGX_HTTP_LLMLIMIT_U_SKIP        6
 
-/* the keys, by bit; fields[] by the first five */
-#define NGX_HTTP_LLMLIMIT_U_TOTAL       0
-#define NGX_HTTP_LLMLIMIT_U_PROMPT      1
-#define NGX_HTTP_LLMLIMIT_U_COMPLETION  2
-#define NGX_HTTP_LLMLIMIT_U_INPUT       3
-#define NGX_HTTP_LLMLIMIT_U_OUTPUT      4
-#define NGX_HTTP_LLMLIMIT_U_USAGE       5
+/* the keys, by bit, "usage" first (most keys match only it); fields[i - 1] */
+#define NGX_HTTP_LLMLIMIT_U_USAGE       0
+#define NGX_HTTP_LLMLIMIT_U_TOTAL       1
+#define NGX_HTTP_LLMLIMIT_U_PROMPT      2
+#define NGX_HTTP_LLMLIMIT_U_COMPLETION  3
+#define NGX_HTTP_LLMLIMIT_U_INPUT       4
+#define NGX_HTTP_LLMLIMIT_U_OUTPUT      5
 #define NGX_HTTP_LLMLIMIT_U_KEYS        6
 
-#define NGX_HTTP_LLMLIMIT_U_FIELD_KEYS  0x1f
+#define NGX_HTTP_LLMLIMIT_U_FIELD_KEYS  0x3e
 #define NGX_HTTP_LLMLIMIT_U_NONE        0xffff
 
 /* a number beyond this is only known to be too large */
@@ -83,12 +83,12 @@ static void ngx_http_llmlimit_usage_key(ngx_http_llmlimit_usage_t *u);
 
 
 static ngx_str_t  ngx_http_llmlimit_usage_keys[] = {
+    ngx_string("usage"),
     ngx_string("total_tokens"),
     ngx_string("prompt_tokens"),
     ngx_string("completion_tokens"),
     ngx_string("input_tokens"),
-    ngx_string("output_tokens"),
-    ngx_string("usage")
+    ngx_string("output_tokens")
 };
 
 
@@ -471,7 +471,7 @@ static u_char *
 ngx_http_llmlimit_usage_json(ngx_http_llmlimit_usage_t *u, u_char *p,
     u_char *last)
 {
-    u_char  ch;
+    u_char  ch, *q, *e;
 
     while (p < last) {
 
@@ -480,13 +480,23 @@ ngx_http_llmlimit_usage_json(ngx_http_llmlimit_usage_t *u, u_char *p,
         case NGX_HTTP_LLMLIMIT_U_STRING:
 
             if (u->key == 0) {
-                /* a value, or a key of no interest: skip to its end */
+                /*
+                 * a value, or a key of no interest: on to its closing
+                 * quote or an escape before it, with memchr(), which reads
+                 * a word or a vector at a time: most of a response is
+                 * text in strings
+                 */
 
-                while (p < last && *p != '"' && *p != '\\') {
-                    p++;
-                }
+                q = memchr(p, '"', last - p);
+                e = memchr(p, '\\', (q ? q : last) - p);
 
-                if (p == last) {
+                if (e != NULL) {
+                    p = e;
+
+                } else if (q != NULL) {
+                    p = q;
+
+                } else {
                     return last;
                 }
             }
@@ -589,8 +599,8 @@ ngx_http_llmlimit_usage_token(ngx_http_llmlimit_usage_t *u, u_char ch)
 
         /* the candidates that still match */
 
-        for (i = 0; i < NGX_HTTP_LLMLIMIT_U_KEYS; i++) {
-            if ((u->key & (1 << i))
+        for (i = 0, bits = u->key; bits; i++, bits >>= 1) {
+            if ((bits & 1)
                 && (u->keypos >= ngx_http_llmlimit_usage_keys[i].len
                     || ngx_http_llmlimit_usage_keys[i].data[u->keypos] != ch))
             {
@@ -666,7 +676,9 @@ ngx_http_llmlimit_usage_token(ngx_http_llmlimit_usage_t *u, u_char ch)
                 bits |= NGX_HTTP_LLMLIMIT_U_FIELD_KEYS;
             }
 
-        } else if (u->pending < NGX_HTTP_LLMLIMIT_U_USAGE) {
+        } else if (u->pending >= NGX_HTTP_LLMLIMIT_U_TOTAL
+                   && u->pending < NGX_HTTP_LLMLIMIT_U_KEYS)
+        {
             /* a field given as a string: "12" */
             u->bad = 1;
         }
@@ -726,7 +738,9 @@ ngx_http_llmlimit_usage_number(ngx_http_llmlimit_usage_t *u)
     f = u->pending;
     u->pending = NGX_HTTP_LLMLIMIT_U_NONE;
 
-    if (f >= NGX_HTTP_LLMLIMIT_U_USAGE || u->depth != u->usage_depth) {
+    if (f < NGX_HTTP_LLMLIMIT_U_TOTAL || f >= NGX_HTTP_LLMLIMIT_U_KEYS
+        || u->depth != u->usage_depth)
+    {
         return;
     }
 
@@ -741,7 +755,7 @@ ngx_http_llmlimit_usage_number(ngx_http_llmlimit_usage_t *u)
         return;
     }
 
-    u->fields[f] = u->number;
+    u->fields[f - 1] = u->number;
     u->seen |= 1 << f;
 }
 
@@ -770,19 +784,19 @@ ngx_http_llmlimit_usage_result(ngx_http_llmlimit_usage_t *u,
     }
 
     if (u->seen & (1 << NGX_HTTP_LLMLIMIT_U_TOTAL)) {
-        n = u->fields[NGX_HTTP_LLMLIMIT_U_TOTAL];
+        n = u->fields[NGX_HTTP_LLMLIMIT_U_TOTAL - 1];
 
     } else if (u->seen & (1 << NGX_HTTP_LLMLIMIT_U_INPUT
                           | 1 << NGX_HTTP_LLMLIMIT_U_OUTPUT))
     {
-        n = u->fields[NGX_HTTP_LLMLIMIT_U_INPUT]
-            + u->fields[NGX_HTTP_LLMLIMIT_U_OUTPUT];
+        n = u->fields[NGX_HTTP_LLMLIMIT_U_INPUT - 1]
+            + u->fields[NGX_HTTP_LLMLIMIT_U_OUTPUT - 1];
 
     } else if (u->seen & (1 << NGX_HTTP_LLMLIMIT_U_PROMPT
                           | 1 << NGX_HTTP_LLMLIMIT_U_COMPLETION))
     {
-        n = u->fields[NGX_HTTP_LLMLIMIT_U_PROMPT]
-            + u->fields[NGX_HTTP_LLMLIMIT_U_COMPLETION];
+        n = u->fields[NGX_HTTP_LLMLIMIT_U_PROMPT - 1]
+            + u->fields[NGX_HTTP_LLMLIMIT_U_COMPLETION - 1];
 
     } else {
         *why = "no usage found";
