@@ -13,7 +13,7 @@
  *     counter saw (a "now" older than that waits the difference too);
  *     unchecked counts (the shadow counters of a Redis zone) may push it
  *     further;
- *   - an admitted request, counted, leaves remaining < COUNT.
+ *   - an admitted request, counted, leaves remaining <= COUNT - its cost.
  *
  * A first byte of 3 to 5 makes the counter a token budget: COUNT up to
  * 2^31 - 1, an estimate counted per request, and charges up and down
@@ -97,7 +97,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (rc == NGX_OK) {
                 ngx_http_llmlimit_algo_count(&st, &c, now);
 
-                if (c.remaining >= c.count) {
+                /* what it counted is no longer left (a token estimate
+                   may be 0) */
+
+                if ((int64_t) c.remaining
+                    > (int64_t) c.count - (c.tokens ? (int64_t) c.cost : 1))
+                {
                     __builtin_trap();
                 }
 
