@@ -4,6 +4,7 @@
 #
 #   require "$FindBin::Bin/redis-lib.pl";
 #   my $rd = LLMLimit::Redis->new(unix => 1, requirepass => 'pw');
+#   LLMLimit::Redis->new(bind => '127.0.0.2', port => $p);  # another address
 #   $rd->addr;  $rd->port;  $rd->unix;          # for redis=...
 #   $rd->cmd('SET', 'k', 'v');                  # reply: string, number,
 #                                               # array ref, undef (nil) or
@@ -56,14 +57,15 @@ sub new {
 
 sub port { $_[0]{port} }
 sub unix { $_[0]{unix} }
-sub addr { "127.0.0.1:$_[0]{port}" }
+sub addr { ($_[0]{bind} // '127.0.0.1') . ":$_[0]{port}" }
 sub pid  { $_[0]{pid} }
 
 
 sub start {
     my ($self) = @_;
 
-    my @cmd = ($SERVER, '--port', $self->{port}, '--bind', '127.0.0.1',
+    my @cmd = ($SERVER, '--port', $self->{port},
+               '--bind', $self->{bind} // '127.0.0.1',
                '--save', '', '--appendonly', 'no', '--daemonize', 'no',
                '--dir', $self->{dir}, '--logfile', "$self->{dir}/redis.log",
                '--enable-debug-command', 'yes');
