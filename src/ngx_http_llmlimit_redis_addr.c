@@ -365,6 +365,13 @@ ngx_http_llmlimit_redis_addr_conf_done(ngx_conf_t *cf,
 {
     u_char  *p;
 
+    if (a && a->master.data && a->sentinels == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"redis_master=\" of zone \"%V\" "
+                           "requires \"redis_sentinel=\"", zone);
+        return NGX_ERROR;
+    }
+
     if (a == NULL || (a->redis.text.data == NULL && a->path == NULL
                       && a->sentinels == NULL))
     {
@@ -377,14 +384,6 @@ ngx_http_llmlimit_redis_addr_conf_done(ngx_conf_t *cf,
     a->zone = zone;
 
     if (a->sentinels == NULL) {
-
-        if (a->master.data) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "\"redis_master=\" of zone \"%V\" "
-                               "requires \"redis_sentinel=\"", zone);
-            return NGX_ERROR;
-        }
-
         *label = a->label;
         return NGX_OK;
     }

@@ -274,6 +274,92 @@ END {
 
 
 # ---------------------------------------------------------------------------
+# A redis-sentinel watching MASTER_PORT (on 127.0.0.1) as "mymaster", quorum
+# 2, down after 1 s; the same helpers as a redis-server.
+#
+#   my $s = LLMLimit::Redis::Sentinel->new(master_port => $m->port);
+
+package LLMLimit::Redis::Sentinel;
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+use POSIX qw(:sys_wait_h);
+use Time::HiRes qw(time sleep);
+
+our @ISA = ('LLMLimit::Redis');
+
+our $SENTINEL = $ENV{LLMLIMIT_REDIS_SENTINEL} || 'redis-sentinel';
+
+
+sub available {
+    return system("command -v $SENTINEL >/dev/null 2>&1") == 0;
+}
+
+
+sub start {
+    my ($self) = @_;
+
+    my $conf = "$self->{dir}/sentinel.conf";
+
+    open my $fh, '>', $conf or croak "$conf: $!";
+    print {$fh} <<"END";
+port $self->{port}
+bind 127.0.0.1
+daemonize no
+dir $self->{dir}
+logfile $self->{dir}/redis.log
+sentinel monitor mymaster 127.0.0.1 $self->{master_port} 2
+sentinel down-after-milliseconds mymaster 1000
+sentinel failover-timeout mymaster 5000
+sentinel parallel-syncs mymaster 1
+END
+    close $fh;
+
+    my $pid = fork;
+    croak "fork: $!" unless defined $pid;
+
+    if ($pid == 0) {
+        open STDIN, '<', '/dev/null';
+        open STDOUT, '>>', "$self->{dir}/stdout.log";
+        open STDERR, '>&', \*STDOUT;
+        { exec { $SENTINEL } $SENTINEL, $conf; }
+        POSIX::_exit(127);
+    }
+
+    $self->{pid} = $pid;
+
+    my $end = time + 10 * LLMLimit::Test::slow();
+
+    while (time < $end) {
+        if (waitpid($pid, WNOHANG) == $pid) {
+            $self->{pid} = undef;
+            croak "redis-sentinel exited:\n" . $self->log;
+        }
+
+        my $r = eval { $self->cmd('PING') };
+        return $self if defined $r && !ref $r && $r eq 'PONG';
+
+        $self->disconnect;
+        sleep 0.05;
+    }
+
+    croak "redis-sentinel did not start:\n" . $self->log;
+}
+
+
+# SENTINEL MASTER mymaster as a hash
+sub master {
+    my ($self) = @_;
+    my $r = eval { $self->cmd('SENTINEL', 'MASTER', 'mymaster') };
+    $self->disconnect unless defined $r;
+    return {} unless ref $r eq 'ARRAY';
+    return { @$r };
+}
+
+
+# ---------------------------------------------------------------------------
 # A fake Redis: a forked process accepting connections on a free port and
 # answering each command (an array of bulk strings) with what
 # $answer->(\@args, $n) returns: raw bytes to send, or undef to close the
