@@ -1108,6 +1108,11 @@ ngx_http_llmlimit_redis_addr_watch_gone(ngx_http_llmlimit_redis_addr_t *a,
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, a->log, 0,
                    "llmlimit sentinel subscription lost: %s", reason);
 
+    if (a->step == NGX_HTTP_LLMLIMIT_ADDR_IDLE) {
+        /* this sentinel is asked last next time, the next one watched */
+        a->current = (a->current + 1) % a->sentinels->nelts;
+    }
+
     if (!a->exiting && !ngx_exiting && !ngx_quit && !ngx_terminate) {
         ngx_add_timer(&a->rewatch, NGX_HTTP_LLMLIMIT_SENTINEL_REWATCH);
     }
