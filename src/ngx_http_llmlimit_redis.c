@@ -17,14 +17,16 @@
  * Connection states:
  *
  *   DOWN        no context; the worker timer reconnects with backoff;
+ *   FINDING     no context yet: asking where to connect (a host name
+ *               resolved, Sentinel asked; src/ngx_http_llmlimit_redis_addr.c);
  *   CONNECTING  connect(2) in progress, AUTH, SELECT and SCRIPT LOAD
  *               already queued behind it;
  *   READY       the SCRIPT LOAD reply arrived: requests are sent.
  *
  * While CONNECTING the timer bounds the handshake.  Requests are queued
- * while CONNECTING only if Redis was not known to be lost (the first
- * connection of a worker), otherwise they fail at once and the zone's
- * failure policy decides.
+ * while FINDING or CONNECTING only if Redis was not known to be lost (the
+ * first connection of a worker), otherwise they fail at once and the
+ * zone's failure policy decides.
  *
  * A slow reply costs the request that waited for it, not the connection:
  * when redis_timeout expires the request goes on by its failure policy
@@ -61,6 +63,7 @@
 #define NGX_HTTP_LLMLIMIT_REDIS_DOWN        0
 #define NGX_HTTP_LLMLIMIT_REDIS_CONNECTING  1
 #define NGX_HTTP_LLMLIMIT_REDIS_READY       2
+#define NGX_HTTP_LLMLIMIT_REDIS_FINDING     3
 
 #define NGX_HTTP_LLMLIMIT_REDIS_AUTH        1
 #define NGX_HTTP_LLMLIMIT_REDIS_SELECT      2
@@ -316,7 +319,9 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    if (redis == NULL || redis->ac == NULL
+    if (redis == NULL
+        || (redis->ac == NULL
+            && redis->state != NGX_HTTP_LLMLIMIT_REDIS_FINDING)
         || b->n > NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
     {
         return NGX_ERROR;
@@ -327,6 +332,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     case NGX_HTTP_LLMLIMIT_REDIS_READY:
         break;
 
+    case NGX_HTTP_LLMLIMIT_REDIS_FINDING:
     case NGX_HTTP_LLMLIMIT_REDIS_CONNECTING:
 
         /* behind the handshake, unless Redis is known to be lost */
@@ -579,6 +585,12 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
                        "llmlimit redis call: %ui requests, %ui counters, "
                        "%ui refunds", call->nwaits, call->nkeys,
                        call->nrefunds);
+
+        if (redis->state == NGX_HTTP_LLMLIMIT_REDIS_FINDING) {
+            /* sent once there is a connection, failed if there is none */
+            ngx_queue_insert_head(&redis->calls, q);
+            return;
+        }
 
         if (redis->ac == NULL
             || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN)
@@ -1163,6 +1175,8 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, redis->log, 0,
                    "llmlimit redis connect %V", &redis->addr);
 
+    redis->state = NGX_HTTP_LLMLIMIT_REDIS_FINDING;
+
     ngx_http_llmlimit_redis_addr_find(redis->where);
 }
 
@@ -1287,6 +1301,13 @@ ngx_http_llmlimit_redis_found(ngx_http_llmlimit_redis_t *redis,
 
     ngx_add_timer(&redis->event, ngx_max(10 * redis->timeout,
                                          NGX_HTTP_LLMLIMIT_REDIS_CONNECT));
+
+    /* the requests that came while FINDING */
+
+    if (!ngx_queue_empty(&redis->calls) && !redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
+
     return;
 
 failed:
@@ -1439,6 +1460,12 @@ ngx_http_llmlimit_redis_gone(ngx_http_llmlimit_redis_t *redis,
 
     ngx_http_llmlimit_redis_fail(redis, reason);
     ngx_http_llmlimit_redis_schedule(redis);
+
+    /* the requests that came while FINDING fail */
+
+    if (!ngx_queue_empty(&redis->calls) && !redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
 }
 
 

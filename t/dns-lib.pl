@@ -8,6 +8,7 @@
 #   my $dns = LLMLimit::DNS->new;
 #   $dns->set('redis.test' => '127.0.0.2');    # for "resolver $dns->addr"
 #   $dns->queries('redis.test');               # A queries answered so far
+#   $dns->delay(2);                            # answers 2 s late from now
 
 package LLMLimit::DNS;
 
@@ -18,6 +19,7 @@ use Carp qw(croak);
 use File::Temp qw(tempdir);
 use IO::Socket::INET;
 use POSIX ();
+use Time::HiRes ();
 
 my @ALL;
 
@@ -66,6 +68,14 @@ sub set {
 }
 
 
+sub delay {
+    my ($self, $secs) = @_;
+    open my $fh, '>', "$self->{file}.delay" or croak "dns: $!";
+    print {$fh} "$secs\n";
+    close $fh;
+}
+
+
 sub queries {
     my ($self, $name) = @_;
     open my $fh, '<', $self->{log} or return 0;
@@ -89,6 +99,12 @@ sub serve {
         my $q;
         my $peer = $s->recv($q, 512) or next;
         my $a = answer($self, $q) // next;
+
+        if (open my $fh, '<', "$self->{file}.delay") {
+            my $d = <$fh>;
+            Time::HiRes::sleep($d) if $d && $d > 0;
+        }
+
         $s->send($a, 0, $peer);
     }
 }

@@ -141,4 +141,31 @@ unlike($log, qr/getaddrinfo/, 'no getaddrinfo');
 
 $t->stop;
 
+
+# while a worker's first connect waits for the resolver, requests wait with
+# it (up to redis_timeout), as they do behind the handshake: not 503
+
+$dns->delay(2 * $SLOW);
+
+my $long = int(10000 * $SLOW) . 'ms';
+
+$t = LLMLimit::Test->new(name => 'dns slow', http => qq{
+    resolver ${\ $dns->addr } valid=1s ipv6=off;
+    resolver_timeout 30s;
+    llmlimit_zone z 1m redis=$NAME:$port redis_timeout=$long
+                  redis_failure=closed;
+    llmlimit_rules api zone=z {
+        "Q"  GET  /q  \$http_x_api_key  5/1h;
+    }
+}, config => q{
+    add_header X-Status $llmlimit_status always;
+    location /q { llmlimit api; proxy_pass http://%%BACKEND%%; }
+})->start;
+
+my $r = $t->conn->req('GET /q', headers => { 'X-Api-Key' => uid() });
+is($r->status . ' ' . ($r->header('X-Status') // '-'), '200 PASSED',
+   'the first request waited for the first connect');
+
+$t->stop;
+
 finish();
