@@ -1612,8 +1612,6 @@ ngx_http_llmlimit_redis_quitting(ngx_http_llmlimit_redis_t *redis)
 static void
 ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev)
 {
-    int                         n;
-    ngx_uint_t                  i;
     ngx_connection_t           *c;
     redisAsyncContext          *ac;
     ngx_http_llmlimit_redis_t  *redis;
@@ -1629,26 +1627,7 @@ ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev)
         return;
     }
 
-    /*
-     * hiredis reads at most 16K per call, and an edge-triggered event
-     * does not fire again for what is left: read until the socket is empty
-     */
-
-    for (i = 0; i < NGX_HTTP_LLMLIMIT_REDIS_READS; i++) {
-
-        redisAsyncHandleRead(ac);
-
-        if (redis->ac != ac) {
-            /* freed, c too */
-            return;
-        }
-
-        if (ioctl(c->fd, FIONREAD, &n) == -1 || n <= 0) {
-            return;
-        }
-    }
-
-    ngx_post_event(rev, &ngx_posted_events);
+    ngx_http_llmlimit_redis_read(rev, &redis->ac);
 }
 
 
@@ -1663,9 +1642,58 @@ ngx_http_llmlimit_redis_write_handler(ngx_event_t *wev)
     ac = c->data;
     redis = ac->data;
 
+    ngx_http_llmlimit_redis_write(wev, &redis->ac);
+}
+
+
+/*
+ * The reads and writes of a hooked context; "owner" is where its owner
+ * keeps it: a context no longer there was freed, and its connection too.
+ *
+ * hiredis reads at most 16K per call, and an edge-triggered event does not
+ * fire again for what is left: read until the socket is empty.
+ */
+
+void
+ngx_http_llmlimit_redis_read(ngx_event_t *rev, redisAsyncContext **owner)
+{
+    int                 n;
+    ngx_uint_t          i;
+    ngx_connection_t   *c;
+    redisAsyncContext  *ac;
+
+    c = rev->data;
+    ac = c->data;
+
+    for (i = 0; i < NGX_HTTP_LLMLIMIT_REDIS_READS; i++) {
+
+        redisAsyncHandleRead(ac);
+
+        if (*owner != ac) {
+            return;
+        }
+
+        if (ioctl(c->fd, FIONREAD, &n) == -1 || n <= 0) {
+            return;
+        }
+    }
+
+    ngx_post_event(rev, &ngx_posted_events);
+}
+
+
+void
+ngx_http_llmlimit_redis_write(ngx_event_t *wev, redisAsyncContext **owner)
+{
+    ngx_connection_t   *c;
+    redisAsyncContext  *ac;
+
+    c = wev->data;
+    ac = c->data;
+
     redisAsyncHandleWrite(ac);
 
-    if (redis->ac == ac && sdslen(ac->c.obuf) > 0) {
+    if (*owner == ac && sdslen(ac->c.obuf) > 0) {
         /* the socket buffer is full: wait for the next edge */
         wev->ready = 0;
     }

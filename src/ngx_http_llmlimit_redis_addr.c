@@ -36,10 +36,6 @@
 
 #include "ngx_http_llmlimit_redis_addr.h"
 
-#include <sys/ioctl.h>
-
-#include <hiredis/sds.h>
-
 
 #define NGX_HTTP_LLMLIMIT_REDIS_PORT        6379
 #define NGX_HTTP_LLMLIMIT_SENTINEL_PORT     26379
@@ -1189,8 +1185,6 @@ ngx_http_llmlimit_redis_addr_close(ngx_http_llmlimit_redis_link_t *link)
 static void
 ngx_http_llmlimit_redis_addr_read(ngx_event_t *rev)
 {
-    int                              n;
-    ngx_uint_t                       i;
     ngx_connection_t                *c;
     redisAsyncContext               *ac;
     ngx_http_llmlimit_redis_link_t  *link;
@@ -1206,21 +1200,7 @@ ngx_http_llmlimit_redis_addr_read(ngx_event_t *rev)
         return;
     }
 
-    for (i = 0; i < 64; i++) {
-
-        redisAsyncHandleRead(ac);
-
-        if (link->ac != ac) {
-            /* freed, c too */
-            return;
-        }
-
-        if (ioctl(c->fd, FIONREAD, &n) == -1 || n <= 0) {
-            return;
-        }
-    }
-
-    ngx_post_event(rev, &ngx_posted_events);
+    ngx_http_llmlimit_redis_read(rev, &link->ac);
 }
 
 
@@ -1235,11 +1215,7 @@ ngx_http_llmlimit_redis_addr_write(ngx_event_t *wev)
     ac = c->data;
     link = ac->data;
 
-    redisAsyncHandleWrite(ac);
-
-    if (link->ac == ac && sdslen(ac->c.obuf) > 0) {
-        wev->ready = 0;
-    }
+    ngx_http_llmlimit_redis_write(wev, &link->ac);
 }
 
 

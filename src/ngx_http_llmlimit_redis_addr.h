@@ -61,6 +61,10 @@ ngx_connection_t *ngx_http_llmlimit_redis_hook(redisAsyncContext *ac,
     void (*cleanup)(void *data));
 void ngx_http_llmlimit_redis_unhook(redisAsyncContext *ac,
     ngx_connection_t *c);
+void ngx_http_llmlimit_redis_read(ngx_event_t *rev,
+    redisAsyncContext **owner);
+void ngx_http_llmlimit_redis_write(ngx_event_t *wev,
+    redisAsyncContext **owner);
 
 
 #endif /* _NGX_HTTP_LLMLIMIT_REDIS_ADDR_H_INCLUDED_ */

@@ -58,20 +58,28 @@ my $B = LLMLimit::Redis->new(bind => '127.0.0.3', port => $port);
 my $dns = LLMLimit::DNS->new;
 $dns->set($NAME => '127.0.0.2');
 
-my $tmo = int(1000 * $SLOW) . 'ms';
+# an nginx with zone z on the name, redis_timeout TIMEOUT (s), POLICY
+sub start_nginx {
+    my ($name, $timeout, $policy) = @_;
 
-my $t = LLMLimit::Test->new(name => 'dns', http => qq{
-    resolver ${\ $dns->addr } valid=1s ipv6=off;
-    resolver_timeout 5s;
-    llmlimit_zone z 1m redis=$NAME:$port redis_timeout=$tmo
-                  redis_failure=open;
-    llmlimit_rules api zone=z {
-        "Q"  GET  /q  \$http_x_api_key  5/1h;
-    }
-}, config => q{
-    add_header X-Status $llmlimit_status always;
-    location /q { llmlimit api; proxy_pass http://%%BACKEND%%; }
-})->start;
+    my $tmo = int(1000 * $timeout * $SLOW) . 'ms';
+
+    return LLMLimit::Test->new(name => $name, http => qq{
+        resolver ${\ $dns->addr } valid=1s ipv6=off;
+        resolver_timeout 30s;
+        llmlimit_zone z 1m redis=$NAME:$port redis_timeout=$tmo
+                      redis_failure=$policy;
+        llmlimit_rules api zone=z {
+            "Q"  GET  /q  \$http_x_api_key  5/1h;
+        }
+    }, config => q{
+        add_header X-Status $llmlimit_status always;
+        location /q { llmlimit api; proxy_pass http://%%BACKEND%%; }
+    })->start;
+}
+
+
+my $t = start_nginx('dns', 1, 'open');
 
 my $c = $t->conn;
 
@@ -147,20 +155,7 @@ $t->stop;
 
 $dns->delay(2 * $SLOW);
 
-my $long = int(10000 * $SLOW) . 'ms';
-
-$t = LLMLimit::Test->new(name => 'dns slow', http => qq{
-    resolver ${\ $dns->addr } valid=1s ipv6=off;
-    resolver_timeout 30s;
-    llmlimit_zone z 1m redis=$NAME:$port redis_timeout=$long
-                  redis_failure=closed;
-    llmlimit_rules api zone=z {
-        "Q"  GET  /q  \$http_x_api_key  5/1h;
-    }
-}, config => q{
-    add_header X-Status $llmlimit_status always;
-    location /q { llmlimit api; proxy_pass http://%%BACKEND%%; }
-})->start;
+$t = start_nginx('dns slow', 10, 'closed');
 
 my $r = $t->conn->req('GET /q', headers => { 'X-Api-Key' => uid() });
 is($r->status . ' ' . ($r->header('X-Status') // '-'), '200 PASSED',

@@ -75,6 +75,14 @@ sub start {
     push @cmd, '--requirepass', $self->{requirepass}
         if defined $self->{requirepass};
 
+    return $self->spawn(@cmd);
+}
+
+
+# runs the command, returns once it answers PING
+sub spawn {
+    my ($self, @cmd) = @_;
+
     my $pid = fork;
     croak "fork: $!" unless defined $pid;
 
@@ -93,7 +101,7 @@ sub start {
     while (time < $end) {
         if (waitpid($pid, WNOHANG) == $pid) {
             $self->{pid} = undef;
-            croak "redis-server exited:\n" . $self->log;
+            croak "$cmd[0] exited:\n" . $self->log;
         }
 
         my $r = eval { $self->cmd('PING') };
@@ -103,7 +111,7 @@ sub start {
         sleep 0.05;
     }
 
-    croak "redis-server did not start:\n" . $self->log;
+    croak "$cmd[0] did not start:\n" . $self->log;
 }
 
 
@@ -285,8 +293,6 @@ use strict;
 use warnings;
 
 use Carp qw(croak);
-use POSIX qw(:sys_wait_h);
-use Time::HiRes qw(time sleep);
 
 our @ISA = ('LLMLimit::Redis');
 
@@ -317,35 +323,7 @@ sentinel parallel-syncs mymaster 1
 END
     close $fh;
 
-    my $pid = fork;
-    croak "fork: $!" unless defined $pid;
-
-    if ($pid == 0) {
-        open STDIN, '<', '/dev/null';
-        open STDOUT, '>>', "$self->{dir}/stdout.log";
-        open STDERR, '>&', \*STDOUT;
-        { exec { $SENTINEL } $SENTINEL, $conf; }
-        POSIX::_exit(127);
-    }
-
-    $self->{pid} = $pid;
-
-    my $end = time + 10 * LLMLimit::Test::slow();
-
-    while (time < $end) {
-        if (waitpid($pid, WNOHANG) == $pid) {
-            $self->{pid} = undef;
-            croak "redis-sentinel exited:\n" . $self->log;
-        }
-
-        my $r = eval { $self->cmd('PING') };
-        return $self if defined $r && !ref $r && $r eq 'PONG';
-
-        $self->disconnect;
-        sleep 0.05;
-    }
-
-    croak "redis-sentinel did not start:\n" . $self->log;
+    return $self->spawn($SENTINEL, $conf);
 }
 
 
