@@ -231,6 +231,19 @@ $port = $M->port;
 like($log, qr/redis master mymaster (switched to|is at) 127\.0\.0\.1:$port/,
      'the new master is logged');
 
+
+# a reload: the old workers leave (their sentinel connections with them),
+# the new ones find the master, and no request meanwhile is answered
+# other than by the policy
+
+%during = ();
+ok($t->reload, 'reloaded');
+ok(until_redis(30, \%during), 'decided in Redis after the reload');
+@bad = grep { !m{^/o 200 (PASSED|ERROR)$} && !m{^/c (200 PASSED|503 ERROR)$} }
+       keys %during;
+is("@bad", '', 'after the reload: the policy at most') or diag(explain(\%during));
+exact('the master after a reload');
+
 $t->stop;
 
 finish();
