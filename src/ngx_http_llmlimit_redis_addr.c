@@ -9,12 +9,17 @@
  * a worker and answered with a numeric address:
  *
  *   redis=IP:PORT, unix:PATH  at once;
- *   redis=NAME:PORT           with a "resolver" in the http block, NAME is
+ *   redis=NAME:PORT           NAME is resolved at configuration (the
+ *                             system's way, /etc/hosts included); a name
+ *                             of a loopback address is kept so; otherwise,
+ *                             with a "resolver" in the http block, NAME is
  *                             resolved through it on every connect
  *                             (asynchronously; its cache keeps an answer
- *                             for its valid= time); without one, NAME was
- *                             resolved once, at configuration, as
- *                             proxy_pass does, and a warning says so;
+ *                             for its valid= time) and, when that fails,
+ *                             the address of the configuration is used
+ *                             (logged once); without a resolver, the name
+ *                             is resolved once, as proxy_pass does, and a
+ *                             warning says so (sentinels' names alike);
  *   redis_sentinel=, redis_master=
  *                             the sentinels are asked in turn, starting
  *                             with the last that answered, with
@@ -65,7 +70,9 @@ typedef struct {
     ngx_str_t                       host;
     in_port_t                       port;
     unsigned                        name:1;        /* resolved when used */
+    unsigned                        fell_back:1;   /* logged */
     u_char                          ip[NGX_HTTP_LLMLIMIT_ADDR_IP];
+    u_char                          conf[NGX_HTTP_LLMLIMIT_ADDR_IP];
 } ngx_http_llmlimit_redis_endpoint_t;
 
 
@@ -413,7 +420,9 @@ ngx_http_llmlimit_redis_addr_conf_done(ngx_conf_t *cf,
 
 /*
  * Once the http block is read, its "resolver" is known (it may follow
- * llmlimit_zone).  Without one, host names are resolved now, once.
+ * llmlimit_zone).  Host names are resolved now, the system's way: without
+ * a resolver, once for all; with one, for when it fails (it does not read
+ * /etc/hosts: "localhost" would not be found).
  */
 
 ngx_int_t
@@ -440,7 +449,6 @@ ngx_http_llmlimit_redis_addr_postconf(ngx_conf_t *cf,
         a->resolver = clcf->resolver;
         a->resolver_timeout = (clcf->resolver_timeout == NGX_CONF_UNSET_MSEC)
                               ? 30000 : clcf->resolver_timeout;
-        return NGX_OK;
     }
 
     for (i = 0; i < nnames; i++) {
@@ -456,6 +464,12 @@ ngx_http_llmlimit_redis_addr_postconf(ngx_conf_t *cf,
         u.default_port = e->port;
 
         if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
+
+            if (a->resolver) {
+                /* its resolver may know it */
+                continue;
+            }
+
             ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                           "%s in \"%V\" of llmlimit_zone \"%V\" in %V:%ui",
                           u.err ? u.err : "host not found", &e->text,
@@ -463,9 +477,16 @@ ngx_http_llmlimit_redis_addr_postconf(ngx_conf_t *cf,
             return NGX_ERROR;
         }
 
-        n = ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen, e->ip,
+        n = ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen, e->conf,
                           NGX_SOCKADDR_STRLEN, 0);
-        e->ip[n] = '\0';
+        e->conf[n] = '\0';
+
+        ngx_memcpy(e->ip, e->conf, n + 1);
+
+        if (a->resolver) {
+            continue;
+        }
+
         e->name = 0;
 
         if (e->host.len == 9
@@ -934,12 +955,49 @@ ngx_http_llmlimit_redis_addr_resolved(ngx_resolver_ctx_t *ctx)
 }
 
 
-/* no address this time: a sentinel's failure passes to the next one */
+/*
+ * No address this time: a name the system resolved at configuration is
+ * used as it was then; a sentinel's failure passes to the next one.
+ */
 
 static void
 ngx_http_llmlimit_redis_addr_failed(ngx_http_llmlimit_redis_addr_t *a,
     const char *reason)
 {
+    ngx_http_llmlimit_redis_endpoint_t  *e;
+
+    e = NULL;
+
+    if (a->step == NGX_HTTP_LLMLIMIT_ADDR_SENTINEL) {
+        e = a->sentinels->elts;
+        e = &e[a->current];
+
+    } else if (a->sentinels == NULL) {
+        e = &a->redis;
+    }
+
+    if (e && e->conf[0]) {
+
+        if (!e->fell_back) {
+            e->fell_back = 1;
+
+            ngx_log_error(NGX_LOG_WARN, a->log, 0,
+                          "llmlimit zone \"%V\": %s; \"%V\" is %s, "
+                          "as at configuration (logged once)",
+                          a->zone, reason, &e->host, e->conf);
+        }
+
+        if (a->step == NGX_HTTP_LLMLIMIT_ADDR_SENTINEL) {
+            ngx_cpystrn(e->ip, e->conf, NGX_HTTP_LLMLIMIT_ADDR_IP);
+            ngx_http_llmlimit_redis_addr_send(a);
+            return;
+        }
+
+        ngx_cpystrn(a->ip, e->conf, NGX_HTTP_LLMLIMIT_ADDR_IP);
+        ngx_http_llmlimit_redis_addr_report(a);
+        return;
+    }
+
     if (a->step == NGX_HTTP_LLMLIMIT_ADDR_SENTINEL
         || a->step == NGX_HTTP_LLMLIMIT_ADDR_ASKING)
     {
