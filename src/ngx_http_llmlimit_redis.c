@@ -1235,6 +1235,9 @@ ngx_http_llmlimit_redis_found(ngx_http_llmlimit_redis_t *redis,
     redis->ac = ac;
     redis->state = NGX_HTTP_LLMLIMIT_REDIS_CONNECTING;
 
+    /* the requests that came while FINDING wait for this connection now */
+    redis->since = ngx_current_msec;
+
     redisAsyncSetConnectCallback(ac, ngx_http_llmlimit_redis_connected);
     redisAsyncSetDisconnectCallback(ac, ngx_http_llmlimit_redis_disconnected);
 
