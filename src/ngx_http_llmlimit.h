@@ -218,10 +218,10 @@ struct ngx_http_llmlimit_batch_s {
  * known.  Calling it again does nothing.
  *
  * charge() charges the token budgets of a batch that was let through with
- * what the request used, "tokens", when it ends: each token counter is
- * changed by tokens - cost (what it counted on admission, the estimate),
- * up or down, in the store that counted it; a Redis charge rides in the
- * next call.  Counters of requests are left alone.
+ * what the request used, "tokens", when it ends, in place of what each
+ * token counter counted on admission (cost, the estimate), in the store
+ * that counted it (src/ngx_http_llmlimit_algo.c: algo_charge()); a Redis
+ * charge rides in the next call.  Counters of requests are left alone.
  *
  * Configuration: llmlimit_zone offers each of its "key=value" parameters
  * to the stores in the order of registration (ngx_http_llmlimit_stores[]
@@ -294,7 +294,7 @@ void ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
 void ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t counted);
 void ngx_http_llmlimit_algo_charge(ngx_http_llmlimit_state_t *st,
-    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t delta,
+    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t used,
     int64_t counted);
 void ngx_http_llmlimit_algo_peek(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);

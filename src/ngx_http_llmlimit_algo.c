@@ -47,6 +47,10 @@
 #define NGX_HTTP_LLMLIMIT_TOKEN_BITS  21
 
 
+static void ngx_http_llmlimit_add(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t n);
+static void ngx_http_llmlimit_take(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t n, int64_t counted);
 static void ngx_http_llmlimit_roll(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
 static ngx_inline int64_t ngx_http_llmlimit_gcra_now(
@@ -154,81 +158,122 @@ ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now)
 {
     ngx_http_llmlimit_roll(st, c, now);
-    ngx_http_llmlimit_algo_charge(st, c, now, c->tokens ? c->cost : 1, 0);
+    ngx_http_llmlimit_add(st, c, now, c->tokens ? c->cost : 1);
     ngx_http_llmlimit_algo_peek(st, c, now);
 }
 
 
 /*
  * takes back what count() did at "counted", for a request that another
- * zone rejected after; a window that has rolled since is left as it is
- * (the count is no longer in "cur")
+ * zone rejected after
  */
 
 void
 ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t counted)
 {
-    ngx_http_llmlimit_algo_charge(st, c, counted,
-                                  c->tokens ? -(int64_t) c->cost : -1,
-                                  counted);
+    ngx_http_llmlimit_take(st, c, c->tokens ? c->cost : 1, counted);
 }
 
 
 /*
- * Adds delta to a counter at "now": up to the state's room; a negative
- * delta takes back from what was counted at "counted", as refund().
+ * Charges a token budget what a request used at "now", in place of the
+ * estimate count() counted at "counted".  GCRA has one timeline: the TAT
+ * moves by the difference.  Fixed and sliding take the estimate back from
+ * the window it went into and count the usage in the current one, so that
+ * a request that ends in a later window is charged its usage there.
  */
 
 void
 ngx_http_llmlimit_algo_charge(ngx_http_llmlimit_state_t *st,
-    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t delta,
+    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t used,
     int64_t counted)
+{
+    int64_t  delta;
+
+    if (c->algorithm == NGX_HTTP_LLMLIMIT_GCRA) {
+        delta = used - (int64_t) c->cost;
+
+        if (delta < 0) {
+            ngx_http_llmlimit_take(st, c, -delta, counted);
+
+        } else {
+            ngx_http_llmlimit_add(st, c, now, delta);
+        }
+
+        return;
+    }
+
+    ngx_http_llmlimit_take(st, c, c->cost, counted);
+    ngx_http_llmlimit_add(st, c, now, used);
+}
+
+
+/* adds n to a counter at "now", up to the state's room */
+
+static void
+ngx_http_llmlimit_add(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t n)
 {
     int64_t  T, us, tat, room;
 
-    if (delta == 0) {
+    if (n <= 0) {
         return;
     }
 
     room = ngx_http_llmlimit_room(c);
 
-    switch (c->algorithm) {
-
-    case NGX_HTTP_LLMLIMIT_GCRA:
+    if (c->algorithm == NGX_HTTP_LLMLIMIT_GCRA) {
         T = ((int64_t) c->period * 1000 + c->count - 1) / c->count;
-
-        if (delta < 0) {
-            st->t -= ngx_min(-delta, (int64_t) c->count) * T;
-            break;
-        }
-
         us = ngx_http_llmlimit_gcra_now(st, c, now, T);
         tat = ngx_max(st->t, us);
 
         if (c->tokens) {
-            st->t = tat + ngx_min(delta, room - (tat - us) / T) * T;
-
-        } else {
-            st->t = tat + delta * T;
+            n = ngx_min(n, room - (tat - us) / T);
         }
 
-        break;
+        st->t = tat + n * T;
+        return;
+    }
 
-    default: /* NGX_HTTP_LLMLIMIT_FIXED, NGX_HTTP_LLMLIMIT_SLIDING */
+    ngx_http_llmlimit_roll(st, c, now);
 
-        if (delta < 0) {
-            if (st->t == counted - counted % (int64_t) c->period) {
-                st->cur -= (uint32_t) ngx_min(-delta, (int64_t) st->cur);
-            }
+    st->cur = (uint32_t) ngx_min((int64_t) st->cur + n, room);
+}
 
-            break;
-        }
 
-        ngx_http_llmlimit_roll(st, c, now);
+/*
+ * takes n back from what was counted at "counted": GCRA moves the TAT
+ * back; fixed and sliding take it off the window it went into, "cur" if
+ * the counter is still in it, "prev" if a sliding counter has moved on by
+ * one window since, nothing if it is older
+ */
 
-        st->cur = (uint32_t) ngx_min((int64_t) st->cur + delta, room);
-        break;
+static void
+ngx_http_llmlimit_take(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t n, int64_t counted)
+{
+    int64_t  T, w;
+
+    if (n <= 0) {
+        return;
+    }
+
+    if (c->algorithm == NGX_HTTP_LLMLIMIT_GCRA) {
+        T = ((int64_t) c->period * 1000 + c->count - 1) / c->count;
+        st->t -= ngx_min(n, (int64_t) c->count) * T;
+        return;
+    }
+
+    w = counted - counted % (int64_t) c->period;
+
+    if (st->t == w) {
+        st->cur -= (uint32_t) ngx_min(n, (int64_t) st->cur);
+
+    } else if (c->algorithm == NGX_HTTP_LLMLIMIT_SLIDING
+               && st->t == w + (int64_t) c->period)
+    {
+        st->prev -= (uint32_t) ngx_min(n, (int64_t) st->prev);
     }
 }
 

@@ -219,8 +219,7 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
 
             if (mode == NGX_HTTP_LLMLIMIT_SHM_TOKENS) {
                 ngx_http_llmlimit_algo_charge(st[i], c, now,
-                                              (int64_t) tokens
-                                              - (int64_t) c->cost,
+                                              (int64_t) tokens,
                                               b->local_time);
 
             } else {
