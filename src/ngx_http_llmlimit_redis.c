@@ -86,14 +86,14 @@
 
 /*
  * requests, counters and refund entries of one call, at most; a request
- * and the refunds of a request always fit
+ * and the refunds of a request (two entries a token budget) always fit
  */
 #define NGX_HTTP_LLMLIMIT_REDIS_BATCH       64
 #define NGX_HTTP_LLMLIMIT_REDIS_KEYS        256
 #define NGX_HTTP_LLMLIMIT_REDIS_REFUNDS     64
 
 #if (NGX_HTTP_LLMLIMIT_REDIS_KEYS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS          \
-     || NGX_HTTP_LLMLIMIT_REDIS_REFUNDS < NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+     || NGX_HTTP_LLMLIMIT_REDIS_REFUNDS < 2 * NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
 #error "a call must hold the counters of a request"
 #endif
 
@@ -198,8 +198,8 @@ struct ngx_http_llmlimit_redis_wait_s {
 
 /*
  * A change to a counter: "amount" < 0 takes back what was counted at
- * Redis' time "time" (a refund, or a token charge below the estimate),
- * "amount" > 0 charges tokens at the script's time.
+ * Redis' time "time" (a refund, or the estimate a token charge replaces),
+ * "amount" > 0 charges tokens at the script's time (what was used).
  */
 
 typedef struct {
@@ -233,6 +233,8 @@ static void ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens);
+static ngx_uint_t ngx_http_llmlimit_redis_amounts(
+    ngx_http_llmlimit_counter_t *c, ngx_uint_t tokens, int64_t *amount);
 static void ngx_http_llmlimit_redis_copy(ngx_http_llmlimit_redis_counter_t *wc,
     ngx_http_llmlimit_counter_t *c);
 static ngx_http_llmlimit_redis_refund_t *ngx_http_llmlimit_redis_refunds(
@@ -485,15 +487,18 @@ ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
 /*
  * The token budgets of a request let through are charged what it used:
  * the shadow (or the local fallback) at once, Redis by entries in the
- * open call, as refunds are; nothing else is sent for it.
+ * open call, as refunds are; nothing else is sent for it.  As
+ * algo_charge(): a GCRA budget by one entry of the difference, a fixed or
+ * sliding one by an entry that takes the estimate back from the window it
+ * went into and one that charges the usage now.
  */
 
 static void
 ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens)
 {
-    int64_t                             amount;
-    ngx_uint_t                          i, n;
+    int64_t                             amount[2];
+    ngx_uint_t                          i, j, n;
     ngx_http_llmlimit_counter_t        *c;
     ngx_http_llmlimit_redis_refund_t   *rf;
 
@@ -508,8 +513,7 @@ ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
     n = 0;
 
     for (i = 0; i < b->n; i++) {
-        c = &b->counters[i];
-        n += (c->tokens && c->cost != tokens);
+        n += ngx_http_llmlimit_redis_amounts(&b->counters[i], tokens, amount);
     }
 
     if (n == 0) {
@@ -527,17 +531,46 @@ ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
 
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
-        amount = (int64_t) tokens - (int64_t) c->cost;
+        n = ngx_http_llmlimit_redis_amounts(c, tokens, amount);
 
-        if (!c->tokens || amount == 0) {
-            continue;
+        for (j = 0; j < n; j++) {
+            ngx_http_llmlimit_redis_copy(&rf->counter, c);
+            rf->time = b->time;
+            rf->amount = amount[j];
+            rf++;
         }
-
-        ngx_http_llmlimit_redis_copy(&rf->counter, c);
-        rf->time = b->time;
-        rf->amount = amount;
-        rf++;
     }
+}
+
+
+/* the entries that charge a counter "tokens", at most two; their number */
+
+static ngx_uint_t
+ngx_http_llmlimit_redis_amounts(ngx_http_llmlimit_counter_t *c,
+    ngx_uint_t tokens, int64_t *amount)
+{
+    ngx_uint_t  n;
+
+    if (!c->tokens) {
+        return 0;
+    }
+
+    if (c->algorithm == NGX_HTTP_LLMLIMIT_GCRA) {
+        amount[0] = (int64_t) tokens - (int64_t) c->cost;
+        return amount[0] != 0;
+    }
+
+    n = 0;
+
+    if (c->cost) {
+        amount[n++] = -(int64_t) c->cost;
+    }
+
+    if (tokens) {
+        amount[n++] = (int64_t) tokens;
+    }
+
+    return n;
 }
 
 
@@ -569,7 +602,7 @@ ngx_http_llmlimit_redis_refunds(ngx_http_llmlimit_redis_t *redis,
 
     if (redis->pool == NULL || redis->ac == NULL || redis->exiting
         || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN
-        || n == 0 || n > NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
+        || n == 0 || n > 2 * NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
     {
         return NULL;
     }

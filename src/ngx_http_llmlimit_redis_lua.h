@@ -35,11 +35,13 @@
  * (1 for a request limit, the estimate for a token budget).
  *
  * A refund entry, as algo_charge(): a negative amount takes back what was
- * counted (a refund: -cost; a token charge below the estimate): GCRA moves
- * the TAT back by as many emission intervals (no further than now); fixed
- * and sliding take it off the window the count went into if the counter
- * has not moved on from it since (the count is still in "cur").  A
- * positive amount charges tokens now, up to the overdraft's room.
+ * counted (a refund: -cost; the estimate a token charge replaces, or for
+ * GCRA a token charge below it): GCRA moves the TAT back by as many
+ * emission intervals (no further than now); fixed and sliding take it off
+ * the window the count went into: "cur" if the counter has not moved on
+ * from it since, "prev" if a sliding counter has moved on by one window.
+ * A positive amount charges tokens now (what a request used, or for GCRA
+ * what it used above the estimate), up to the overdraft's room.
  *
  * Returns { now, then request after request status, rejected_1,
  * remaining_1, reset_1, retry_1, ... }: Redis' time in ms (one TIME for
@@ -193,6 +195,9 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "    end\n"
 "  elseif k < 0 and s.cur > 0 and s.t == tc - tc % P then\n"
 "    s.cur = s.cur - min(-k, s.cur)\n"
+"    touch(s, P)\n"
+"  elseif k < 0 and a == 0 and s.prev > 0 and s.t == tc - tc % P + P then\n"
+"    s.prev = s.prev - min(-k, s.prev)\n"
 "    touch(s, P)\n"
 "  end\n"
 "end\n"

@@ -117,8 +117,9 @@ main(int argc, char **argv)
     int            nkeys, nq[MAXREQ], rej[MAXREQ];
     long           total, refunds, charges;
     char          *script, keys[3][64], nums[12][32], nn[MAXREQ + 4][32];
-    char           amounts[3][32];
-    int64_t        now, dt, amount;
+    char           amounts[6][32];
+    int            e, ne, ek[6];
+    int64_t        now, dt, amount, used, later;
     size_t         al[16 + 6 * MAXREQ * 3];
     const char    *av[16 + 6 * MAXREQ * 3];
     redisReply    *r;
@@ -329,63 +330,98 @@ main(int argc, char **argv)
             /*
              * now and then a request just counted is taken back, as when
              * a later zone rejects it, or its token budgets are charged
-             * what it used, up or down from the estimate: a call of
-             * refund entries only
+             * what it used, at once or up to two periods later (in a
+             * window the counter may have moved to since): a call of
+             * refund entries only, two for a fixed or sliding token budget
+             * (the estimate taken back, the usage charged), as
+             * src/ngx_http_llmlimit_redis.c sends them
              */
 
             q = rand() % m;
 
             if (!rej[q] && rand() % 3 == 0) {
                 k2 = rand() % 2;
+                later = now;
 
                 if (k2) {
                     charges++;
+
+                    if (rand() % 2) {
+                        later = now + rand() % (2 * c[0].period + 1);
+                    }
+
                 } else {
                     refunds++;
                 }
 
+                ne = 0;
+
                 for (i = 0; i < nq[q]; i++) {
-                    amount = -(int64_t) c[i].cost;
-
-                    if (k2 && c[i].tokens) {
-                        amount = (int64_t) (rand() % (3 * c[i].count + 1))
-                                 - (int64_t) c[i].cost;
-                        ngx_http_llmlimit_algo_charge(&st[i], &out[q][i],
-                                                      now, amount, now);
-
-                    } else {
+                    if (!k2 || !c[i].tokens) {
                         ngx_http_llmlimit_algo_refund(&st[i], &out[q][i],
                                                       now);
+                        ek[ne] = i;
+                        sprintf(amounts[ne++], "%lld",
+                                -(long long) c[i].cost);
+                        continue;
                     }
 
-                    sprintf(amounts[i], "%lld", (long long) amount);
+                    used = rand() % (3 * c[i].count + 1);
+                    ngx_http_llmlimit_algo_charge(&st[i], &out[q][i], later,
+                                                  used, now);
+
+                    if (c[i].algorithm == NGX_HTTP_LLMLIMIT_GCRA) {
+                        amount = used - (int64_t) c[i].cost;
+
+                        if (amount != 0) {
+                            ek[ne] = i;
+                            sprintf(amounts[ne++], "%lld", (long long) amount);
+                        }
+
+                        continue;
+                    }
+
+                    if (c[i].cost) {
+                        ek[ne] = i;
+                        sprintf(amounts[ne++], "%lld",
+                                -(long long) c[i].cost);
+                    }
+
+                    if (used) {
+                        ek[ne] = i;
+                        sprintf(amounts[ne++], "%lld", (long long) used);
+                    }
                 }
 
-                sprintf(nn[MAXREQ + 3], "%d", nq[q]);
+                now = later;
+                sprintf(nn[MAXREQ + 3], "%d", ne);
+                sprintf(nn[MAXREQ + 1], "%lld", (long long) now);
 
                 ac = 0;
                 av[ac] = "EVAL"; al[ac++] = 4;
                 av[ac] = script; al[ac++] = strlen(script);
                 av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
 
-                for (i = 0; i < nq[q]; i++) {
-                    av[ac] = keys[i]; al[ac++] = strlen(keys[i]);
+                for (e = 0; e < ne; e++) {
+                    av[ac] = keys[ek[e]]; al[ac++] = strlen(keys[ek[e]]);
                 }
 
                 av[ac] = "0"; al[ac++] = 1;
                 av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
 
-                for (i = 0; i < nq[q]; i++) {
+                for (e = 0; e < ne; e++) {
+                    i = ek[e];
+
                     for (j = 0; j < 3; j++) {
                         av[ac] = nums[4 * i + j];
                         al[ac++] = strlen(nums[4 * i + j]);
                     }
 
                     av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
-                    av[ac] = amounts[i]; al[ac++] = strlen(amounts[i]);
+                    av[ac] = amounts[e]; al[ac++] = strlen(amounts[e]);
                 }
 
-                av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
+                av[ac] = nn[MAXREQ + 1]; al[ac++] = strlen(nn[MAXREQ + 1]);
 
                 r = redisCommandArgv(rc, ac, av, al);
 

@@ -4,7 +4,8 @@
 # what the request used is charged to the current window.  10000tokens/10s,
 # an estimate of 8000 admitted 9 s into a window, a stream that ends 1.6 s
 # later having used 250, and a request in between that moves the counter
-# to the next window: that window has 9750 left, for both algorithms.
+# to the next window: that window has 9750 left, for both algorithms, in
+# shared memory and in Redis.
 
 use strict;
 use warnings;
@@ -15,6 +16,34 @@ use Time::HiRes qw(sleep time);
 use LLMLimit::Test;
 
 require "$FindBin::Bin/tokens-lib.pl";
+require "$FindBin::Bin/redis-lib.pl";
+
+my $rd = LLMLimit::Redis::available() ? LLMLimit::Redis->new : undef;
+my @algos = qw(sliding fixed);
+my ($http, $config) = ('', '');
+
+for my $a (@algos, $rd ? map { "r$_" } @algos : ()) {
+    my $zone = $a =~ /^r/ ? 'rz' : 'z';
+    (my $algo = $a) =~ s/^r//;
+    $http .= qq{
+        llmlimit_rules $a zone=$zone algorithm=$algo {
+            "Chat"  POST  *  \$http_x_api_key  10000tokens/10s;
+        }
+    };
+    $config .= qq{
+        location /$a/ { llmlimit $a; proxy_pass http://LLM/; }
+
+        # not from the fake upstream, busy with the slow stream
+        location = /$a/fast {
+            llmlimit $a;
+            proxy_pass http://127.0.0.1:%%PORT2%%;
+        }
+    };
+}
+
+$http .= 'llmlimit_zone rz 1m redis=' . $rd->addr . ' redis_timeout=2s;'
+    if $rd;
+push @algos, map { "r$_" } @algos if $rd;
 
 my $llm = LLMLimit::FakeLLM->new(
     '/slow' => { pieces => [ '{"usage":{"total_tokens":', '250}}' ],
@@ -27,13 +56,7 @@ my $t = LLMLimit::Test->new(
     http => q{
         log_format tok '$uri $llmlimit_tokens $status';
         llmlimit_zone  z 1m;
-        llmlimit_rules sliding zone=z algorithm=sliding {
-            "Chat"  POST  *  $http_x_api_key  10000tokens/10s;
-        }
-        llmlimit_rules fixed zone=z algorithm=fixed {
-            "Chat"  POST  *  $http_x_api_key  10000tokens/10s;
-        }
-    },
+    } . $http,
     servers => q{
         server {
             listen 127.0.0.1:%%PORT2%%;
@@ -44,22 +67,9 @@ my $t = LLMLimit::Test->new(
         access_log logs/tok.log tok;
         llmlimit_headers openai;
         llmlimit_tokens_estimate \$http_x_estimate;
-        location /sliding/ { llmlimit sliding; proxy_pass http://$LLM/; }
-        location /fixed/   { llmlimit fixed;   proxy_pass http://$LLM/; }
-
-        # not from the fake upstream, busy with the slow stream
-        location = /sliding/fast {
-            llmlimit sliding;
-            proxy_pass http://127.0.0.1:%%PORT2%%;
-        }
-        location = /fixed/fast {
-            llmlimit fixed;
-            proxy_pass http://127.0.0.1:%%PORT2%%;
-        }
-    },
+    } . ($config =~ s/LLM/$LLM/gr),
     nports => 1)->start;
 
-my @algos = qw(sliding fixed);
 my %key = map { $_ => uid() } @algos;
 
 # admitted 9 s into a 10 s window, answered 1.6 s later, in the next one;
@@ -67,10 +77,10 @@ my %key = map { $_ => uid() } @algos;
 my $w = wait_window(10, start => 1);
 sleep($w + 9 - time);
 
-my @res = LLMLimit::Test::parallel(4, sub {
+my @res = LLMLimit::Test::parallel(2 * @algos, sub {
     my ($i) = @_;
-    my $a = $algos[$i % 2];
-    if ($i < 2) {
+    my $a = $algos[$i % @algos];
+    if ($i < @algos) {
         my $r = $t->req("POST /$a/slow",
                         headers => { 'X-Api-Key' => $key{$a},
                                      'X-Estimate' => 8000 });
@@ -82,14 +92,14 @@ my @res = LLMLimit::Test::parallel(4, sub {
                                                  'X-Estimate' => 0 });
     return { status => $r->status, at => time };
 });
-my $log = join "\n", $t->wait_lines('tok.log', 4), '';
+my $log = join "\n", $t->wait_lines('tok.log', 2 * @algos), '';
 
 
-for my $i (0 .. 1) {
+for my $i (0 .. $#algos) {
     my $a = $algos[$i];
     is($res[$i]{status}, 200, "$a: admitted with an estimate of 8000");
     is($res[$i]{left}, 2000, "$a: the estimate counted");
-    is($res[$i + 2]{status}, 200, "$a: another one, in the next window");
+    is($res[$i + @algos]{status}, 200, "$a: another one, in the next window");
     like($log, qr{^/$a/slow 250 200$}m, "$a: the usage charged");
 
     my $r = $t->req("POST /$a/fast", headers => { 'X-Api-Key' => $key{$a},
@@ -98,7 +108,7 @@ for my $i (0 .. 1) {
 
     SKIP: {
         skip "$a: the counter did not move before the charge, in time", 1
-            unless $res[$i + 2]{at} >= $w + 10 && $at < $w + 20
+            unless $res[$i + @algos]{at} >= $w + 10 && $at < $w + 20
                    && $log =~ m{^/$a/fast \S+ .*^/$a/slow }ms;
 
         is($r->header('x-ratelimit-remaining-tokens'), 9750,
@@ -108,4 +118,5 @@ for my $i (0 .. 1) {
 
 $t->stop;
 $llm->stop;
+$rd->stop if $rd;
 done_testing;
