@@ -282,7 +282,7 @@ void ngx_http_llmlimit_hash(const uint64_t seed[2], const u_char *data,
 
 /* src/ngx_http_llmlimit_algo.c */
 typedef struct {
-    int64_t                         t;     /* window start or TAT, ms */
+    int64_t                         t;     /* window start, ms, or TAT */
     uint32_t                        cur;
     uint32_t                        prev;
 } ngx_http_llmlimit_state_t;

@@ -17,8 +17,9 @@
  *            of the previous window inside the sliding window (now - P,
  *            now], rounded down, so that a client pacing itself at
  *            COUNT / P is never rejected (README: the guarantees).
- *   gcra     t: theoretical arrival time (TAT), microseconds; emission
- *            interval T = ceil(P / COUNT), a request fits while
+ *   gcra     theoretical arrival time (TAT) t + cur / COUNT, in units
+ *            of u ms (ngx_http_llmlimit_gcra_unit()); emission interval
+ *            T = P / COUNT, exactly, a request fits while
  *            TAT - now <= (COUNT - 1) * T.
  *
  * Costs.  A request limit counts 1 per request.  A token budget counts
@@ -42,6 +43,14 @@
 #include "ngx_http_llmlimit.h"
 
 
+typedef struct {
+    int64_t  u;        /* the unit, ms */
+    int64_t  p;        /* PERIOD, units */
+    int64_t  base;     /* now, units */
+    int64_t  x;        /* (TAT - base) COUNT, >= 0 */
+} ngx_http_llmlimit_gcra_t;
+
+
 /* keep products of counts and periods exact (see above) */
 #define NGX_HTTP_LLMLIMIT_SCALE_BITS  24
 #define NGX_HTTP_LLMLIMIT_TOKEN_BITS  21
@@ -53,9 +62,9 @@ static void ngx_http_llmlimit_take(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t n, int64_t counted);
 static void ngx_http_llmlimit_roll(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
-static ngx_inline int64_t ngx_http_llmlimit_gcra_now(
-    ngx_http_llmlimit_state_t *st, ngx_http_llmlimit_counter_t *c,
-    int64_t now, int64_t T);
+static int64_t ngx_http_llmlimit_gcra_unit(ngx_http_llmlimit_counter_t *c);
+static void ngx_http_llmlimit_gcra(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now, ngx_http_llmlimit_gcra_t *g);
 static int64_t ngx_http_llmlimit_remaining(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
 static int64_t ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
@@ -215,7 +224,8 @@ static void
 ngx_http_llmlimit_add(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now, int64_t n)
 {
-    int64_t  T, us, tat, room;
+    int64_t                    room;
+    ngx_http_llmlimit_gcra_t   g;
 
     if (n <= 0) {
         return;
@@ -224,15 +234,16 @@ ngx_http_llmlimit_add(ngx_http_llmlimit_state_t *st,
     room = ngx_http_llmlimit_room(c);
 
     if (c->algorithm == NGX_HTTP_LLMLIMIT_GCRA) {
-        T = ((int64_t) c->period * 1000 + c->count - 1) / c->count;
-        us = ngx_http_llmlimit_gcra_now(st, c, now, T);
-        tat = ngx_max(st->t, us);
+        ngx_http_llmlimit_gcra(st, c, now, &g);
 
         if (c->tokens) {
-            n = ngx_min(n, room - (tat - us) / T);
+            n = ngx_max(ngx_min(n, room - g.x / g.p), 0);
         }
 
-        st->t = tat + n * T;
+        /* TAT = base + (x + n P) / COUNT */
+        g.x += n * g.p;
+        st->t = g.base + g.x / c->count;
+        st->cur = (uint32_t) (g.x % c->count);
         return;
     }
 
@@ -253,15 +264,25 @@ static void
 ngx_http_llmlimit_take(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t n, int64_t counted)
 {
-    int64_t  T, w;
+    int64_t  w, y, q, count;
 
     if (n <= 0) {
         return;
     }
 
     if (c->algorithm == NGX_HTTP_LLMLIMIT_GCRA) {
-        T = ((int64_t) c->period * 1000 + c->count - 1) / c->count;
-        st->t -= ngx_min(n, (int64_t) c->count) * T;
+        /* TAT -= min(n, COUNT) P / COUNT, floor division */
+        count = c->count;
+        y = st->cur - ngx_min(n, count) * (c->period
+                                           / ngx_http_llmlimit_gcra_unit(c));
+        q = y / count;
+
+        if (q * count > y) {
+            q--;
+        }
+
+        st->t += q;
+        st->cur = (uint32_t) (y - q * count);
         return;
     }
 
@@ -287,7 +308,7 @@ ngx_http_llmlimit_algo_expires(ngx_http_llmlimit_state_t *st,
     switch (c->algorithm) {
 
     case NGX_HTTP_LLMLIMIT_GCRA:
-        return (st->t + 999) / 1000;
+        return (st->t + (st->cur > 0)) * ngx_http_llmlimit_gcra_unit(c);
 
     case NGX_HTTP_LLMLIMIT_FIXED:
         return st->t + (int64_t) c->period;
@@ -329,19 +350,60 @@ ngx_http_llmlimit_roll(ngx_http_llmlimit_state_t *st,
 
 
 /*
- * GCRA's "now", microseconds.  The TAT is never more than COUNT emission
- * intervals ahead of a clock that only moves forward (2 COUNT for a token
- * budget, which may be overdrawn): one further ahead
- * was set by a clock that has stepped back since, and that now counts as
- * no time passed, so that waits stay within a PERIOD.
+ * GCRA in exact integers.  Time is counted in units of u ms, u = 1 unless
+ * P / u * COUNT would reach 2^51 (u = 2, 4, ... then), so that every
+ * product below stays exact in the Redis script's doubles; a PERIOD is
+ * p = floor(P / u) units, the emission interval p / COUNT units, and the
+ * TAT is t + cur / COUNT units: no rounding of the rate.
  */
 
-static ngx_inline int64_t
-ngx_http_llmlimit_gcra_now(ngx_http_llmlimit_state_t *st,
-    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t T)
+static int64_t
+ngx_http_llmlimit_gcra_unit(ngx_http_llmlimit_counter_t *c)
 {
-    return ngx_max(now * 1000,
-                   st->t - (int64_t) c->count * T * (c->tokens ? 2 : 1));
+    int64_t  u, lim;
+
+    u = 1;
+    lim = ((int64_t) 1 << 51) / (int64_t) c->count;
+
+    while ((int64_t) c->period / u >= lim) {
+        u <<= 1;
+    }
+
+    return u;
+}
+
+
+/*
+ * The GCRA's debt at "now": x = (TAT - base) COUNT, base the unit of now.
+ * The TAT is never more than COUNT emission intervals (p) ahead of a clock
+ * that only moves forward (2 p for a token budget, which may be
+ * overdrawn): one further ahead was set by a clock that has stepped back
+ * since, and that now counts as no time passed (base = t - p or t - 2 p),
+ * so that waits stay within a PERIOD.
+ */
+
+static void
+ngx_http_llmlimit_gcra(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now, ngx_http_llmlimit_gcra_t *g)
+{
+    int64_t  d, m;
+
+    g->u = ngx_http_llmlimit_gcra_unit(c);
+    g->p = (int64_t) c->period / g->u;
+    g->base = now / g->u;
+    m = g->p * (c->tokens ? 2 : 1);
+    d = st->t - g->base;
+
+    if (d < 0) {
+        g->x = 0;
+
+    } else if (d >= m) {
+        g->base = st->t - m;
+        g->x = m * (int64_t) c->count + st->cur;
+
+    } else {
+        g->x = d * (int64_t) c->count + st->cur;
+    }
 }
 
 
@@ -374,17 +436,16 @@ static int64_t
 ngx_http_llmlimit_remaining(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now)
 {
-    int64_t  P, e, u, T, us, tat, count, used;
+    int64_t                    P, e, u, count, used;
+    ngx_http_llmlimit_gcra_t   g;
 
     count = c->count;
 
     switch (c->algorithm) {
 
     case NGX_HTTP_LLMLIMIT_GCRA:
-        T = ((int64_t) c->period * 1000 + count - 1) / count;
-        us = ngx_http_llmlimit_gcra_now(st, c, now, T);
-        tat = ngx_max(st->t, us);
-        used = (tat - us + T - 1) / T;
+        ngx_http_llmlimit_gcra(st, c, now, &g);
+        used = (g.x + g.p - 1) / g.p;
         break;
 
     case NGX_HTTP_LLMLIMIT_FIXED:
@@ -413,7 +474,8 @@ static int64_t
 ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now, int64_t n)
 {
-    int64_t  P, d, e, u, T, K, us, tat, wait, count, cur, prev;
+    int64_t                    P, d, e, u, K, wait, count, cur, prev;
+    ngx_http_llmlimit_gcra_t   g;
 
     count = c->count;
 
@@ -424,11 +486,15 @@ ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
     switch (c->algorithm) {
 
     case NGX_HTTP_LLMLIMIT_GCRA:
-        T = ((int64_t) c->period * 1000 + count - 1) / count;
-        us = ngx_http_llmlimit_gcra_now(st, c, now, T);
-        tat = ngx_max(st->t, us);
-        wait = tat + (n - count) * T - us;
-        return (wait <= 0) ? 0 : (wait + 999) / 1000;
+        /* (TAT + (n - COUNT) p / COUNT - now) in units, times u, in ms */
+        ngx_http_llmlimit_gcra(st, c, now, &g);
+        wait = g.x + (n - count) * g.p;
+
+        if (wait <= 0) {
+            return 0;
+        }
+
+        return (wait + count - 1) / count * g.u - now % g.u;
 
     case NGX_HTTP_LLMLIMIT_FIXED:
         if (st->cur + n <= count) {
