@@ -237,6 +237,7 @@ ngx_module_t  ngx_http_llmlimit_module = {
  */
 
 static ngx_http_llmlimit_store_t  *ngx_http_llmlimit_stores[] = {
+    &ngx_http_llmlimit_sync_store,
     &ngx_http_llmlimit_redis_store,
     &ngx_http_llmlimit_shm_store,
     NULL

@@ -94,6 +94,7 @@ typedef struct {
     ngx_uint_t                      nodes;
     ngx_uint_t                      evicted;
     time_t                          warn_time;
+    void                           *store;         /* the store's own */
 } ngx_http_llmlimit_shctx_t;
 
 
@@ -106,6 +107,7 @@ typedef struct {
     ngx_http_llmlimit_store_t      *store;         /* where it counts */
     ngx_http_llmlimit_redis_t      *redis;         /* NULL: shm only */
     ngx_uint_t                      failure;       /* redis_failure= */
+    void                           *data;          /* the store's own */
 } ngx_http_llmlimit_zone_t;
 
 
@@ -211,8 +213,12 @@ struct ngx_http_llmlimit_batch_s {
  * is invalid.  Then conf_done() of each store in the same order: the first
  * to return NGX_OK is the zone's store; NGX_DECLINED passes the zone on.
  * "algorithms" are the algorithms the store can count (bits
- * 1 << NGX_HTTP_LLMLIMIT_*).  option, init_module, init_process and
- * exit_process may be NULL.
+ * 1 << NGX_HTTP_LLMLIMIT_*).  option, init_module, init_process,
+ * count and exit_process may be NULL.
+ *
+ * count() is told, under the zone's lock, of every change the
+ * shared-memory counters make for the zone's own check() and refund():
+ * n = 1 for a request counted at "time", n = -1 for one taken back.
  */
 struct ngx_http_llmlimit_store_s {
     char       *name;
@@ -227,6 +233,9 @@ struct ngx_http_llmlimit_store_s {
                               ngx_http_llmlimit_zone_t *zone);
     ngx_int_t (*check)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
     void      (*refund)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
+    void      (*count)(ngx_http_llmlimit_zone_t *zone,
+                       ngx_http_llmlimit_counter_t *c, uint64_t k[2],
+                       int64_t time, ngx_int_t n);
     void      (*exit_process)(ngx_cycle_t *cycle,
                               ngx_http_llmlimit_zone_t *zone);
 };
@@ -240,6 +249,7 @@ extern ngx_module_t                     ngx_http_llmlimit_module;
 extern ngx_module_t                     ngx_http_llmlimit_keys_module;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_shm_store;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_redis_store;
+extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_sync_store;
 
 
 /* src/ngx_http_llmlimit_rules.c */
@@ -284,6 +294,8 @@ void ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 void ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+ngx_http_llmlimit_state_t *ngx_http_llmlimit_shm_state_locked(
+    ngx_http_llmlimit_zone_t *zone, uint64_t k[2]);
 
 
 /* src/ngx_http_llmlimit_redis.c */
@@ -297,6 +309,19 @@ ngx_int_t ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
 void ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
+
+/* a command of another store over the zone's Redis connection */
+typedef struct ngx_http_llmlimit_redis_cmd_s  ngx_http_llmlimit_redis_cmd_t;
+
+struct ngx_http_llmlimit_redis_cmd_s {
+    /* reply: a redisReply, NULL if the connection was lost first */
+    void (*handler)(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply);
+};
+
+ngx_int_t ngx_http_llmlimit_redis_command(ngx_http_llmlimit_redis_t *redis,
+    int argc, const char **argv, const size_t *argvlen,
+    ngx_http_llmlimit_redis_cmd_t *cmd);
+ngx_str_t *ngx_http_llmlimit_redis_prefix(ngx_http_llmlimit_redis_t *redis);
 
 
 /* the module's configuration and request state */

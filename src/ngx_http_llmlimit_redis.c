@@ -288,6 +288,7 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
     ngx_http_llmlimit_redis_init_process,
     ngx_http_llmlimit_redis_check,
     ngx_http_llmlimit_redis_refund,
+    NULL,
     ngx_http_llmlimit_redis_exit_process
 };
 
@@ -2045,6 +2046,49 @@ ngx_http_llmlimit_redis_init_module(ngx_cycle_t *cycle,
     redis->timeout = 2 * res;
 
     return NGX_OK;
+}
+
+
+/*
+ * Sends a command of another store (the sync store's push) over the
+ * worker's connection, pipelined with the others; NGX_DECLINED while the
+ * connection is not ready.
+ */
+
+static void
+ngx_http_llmlimit_redis_command_reply(redisAsyncContext *ac, void *reply,
+    void *data)
+{
+    ngx_http_llmlimit_redis_cmd_t  *cmd = data;
+
+    cmd->handler(cmd, reply);
+}
+
+
+ngx_int_t
+ngx_http_llmlimit_redis_command(ngx_http_llmlimit_redis_t *redis, int argc,
+    const char **argv, const size_t *argvlen,
+    ngx_http_llmlimit_redis_cmd_t *cmd)
+{
+    if (redis->state != NGX_HTTP_LLMLIMIT_REDIS_READY || redis->ac == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (redisAsyncCommandArgv(redis->ac, ngx_http_llmlimit_redis_command_reply,
+                              cmd, argc, argv, argvlen)
+        != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_str_t *
+ngx_http_llmlimit_redis_prefix(ngx_http_llmlimit_redis_t *redis)
+{
+    return &redis->prefix;
 }
 
 

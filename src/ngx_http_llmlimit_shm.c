@@ -92,6 +92,7 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_shm_store = {
     NULL,
     ngx_http_llmlimit_shm_store_check,
     ngx_http_llmlimit_shm_store_refund,
+    NULL,
     NULL
 };
 
@@ -185,6 +186,11 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
 
             ngx_http_llmlimit_algo_count(st[i], c, now);
 
+            if (!charge && zone->store->count) {
+                ngx_http_llmlimit_shm_key(c, k);
+                zone->store->count(zone, c, k, now, 1);
+            }
+
             if (nodes[i]) {
                 expires = ngx_http_llmlimit_algo_expires(st[i], c);
                 ln = ngx_http_llmlimit_node(nodes[i]);
@@ -249,6 +255,10 @@ ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
             ngx_http_llmlimit_algo_refund(&ngx_http_llmlimit_node(node)->state,
                                           c, b->local_time);
         }
+
+        if (zone->store->count) {
+            zone->store->count(zone, c, k, b->local_time, -1);
+        }
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
@@ -303,6 +313,23 @@ ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
         ngx_http_llmlimit_shm_refund(r, b);
         b->local = 0;
     }
+}
+
+
+/* the state of a counter by its key, NULL if none; under the zone's lock */
+
+ngx_http_llmlimit_state_t *
+ngx_http_llmlimit_shm_state_locked(ngx_http_llmlimit_zone_t *zone,
+    uint64_t k[2])
+{
+    ngx_rbtree_node_t  *node;
+
+    node = ngx_http_llmlimit_shm_lookup(zone, (ngx_rbtree_key_t) k[0], k[1]);
+    if (node == NULL) {
+        return NULL;
+    }
+
+    return &ngx_http_llmlimit_node(node)->state;
 }
 
 
@@ -626,6 +653,7 @@ ngx_http_llmlimit_shm_init(ngx_shm_zone_t *shm_zone,
     sh->nodes = 0;
     sh->evicted = 0;
     sh->warn_time = 0;
+    sh->store = NULL;
 
     len = sizeof(" in llmlimit zone \"\"") + shm_zone->shm.name.len;
 
