@@ -21,7 +21,7 @@ PORT=${BENCH_PORT:-18480}
 REDIS_PORT=${BENCH_REDIS_PORT:-18479}
 NGINX=${BENCH_NGINX:-/usr/sbin/nginx}
 MODULE=${BENCH_MODULE:-$ROOT/build/ngx_http_llmlimit_module.so}
-SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject llmlimit-reject-quiet}
+SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-redis-sync llmlimit-reject llmlimit-reject-quiet}
 PARTS=${BENCH_PARTS:-throughput fill callgrind chart}
 CG_REQUESTS=${BENCH_CALLGRIND_REQUESTS:-20000}
 FILL_ZONE=${BENCH_FILL_ZONE:-4m}
@@ -175,10 +175,15 @@ write_conf() {
         http="limit_req_zone \$http_x_api_key zone=bench:64m rate=1000000r/s;"
         loc="limit_req zone=bench burst=1000000 nodelay;"
         ;;
-    llmlimit-shm | llmlimit-shm-keys | llmlimit-redis | llmlimit-reject \
+    llmlimit-shm | llmlimit-shm-keys | llmlimit-redis | llmlimit-redis-sync \
+    | llmlimit-reject \
     | llmlimit-reject-quiet | llmlimit-reject-logall)
         local redis="" limits=raised params=""
         if [ "$scn" = llmlimit-redis ]; then redis=" redis=127.0.0.1:$REDIS_PORT"; fi
+        # -sync: decisions in shared memory, Redis every 100 ms
+        if [ "$scn" = llmlimit-redis-sync ]; then
+            redis=" redis=127.0.0.1:$REDIS_PORT redis_sync=100ms"
+        fi
         case $scn in llmlimit-reject*) limits=one ;; esac
         load="load_module $MODULE;"
         # -keys: a key directory of every API key of the mix; the table's
@@ -421,7 +426,7 @@ check_scenario() {
         ;;
     esac
 
-    if [ "$scn" = llmlimit-redis ]; then
+    if [[ $scn == llmlimit-redis* ]]; then
         local keys
         keys=$(redis_cli dbsize 2>/dev/null || echo 0)
         if [ "${keys:-0}" -lt 1 ]; then
@@ -458,8 +463,8 @@ throughput() {
             fi
             ;;
         esac
-        if [ "$scn" = llmlimit-redis ] && ! start_redis; then
-            note "llmlimit-redis skipped: redis-server did not start"
+        if [[ $scn == llmlimit-redis* ]] && [ -z "${REDIS_PID:-}" ] && ! start_redis; then
+            note "$scn skipped: redis-server did not start"
             continue
         fi
         dir=$RUN/$scn
@@ -488,7 +493,7 @@ throughput() {
             case $skip in *" $scn "*) continue ;; esac
             dir=$RUN/$scn
 
-            if [ "$scn" = llmlimit-redis ]; then redis_cli flushall >/dev/null; fi
+            if [[ $scn == llmlimit-redis* ]]; then redis_cli flushall >/dev/null; fi
 
             if ! start_nginx "$dir"; then
                 note "$scn skipped: nginx did not start:" \
@@ -510,7 +515,7 @@ throughput() {
             fi
 
             redis=""
-            if [ "$scn" = llmlimit-redis ]; then redis=$REDIS_PID; fi
+            if [[ $scn == llmlimit-redis* ]]; then redis=$REDIS_PID; fi
 
             children_cpu "$RUN/times.0"
             t0="$(cpu_ticks "$WORKER_PID") $(cpu_ticks "$redis")"
@@ -609,7 +614,7 @@ sub median {
 
 my @sorted = grep { $rows{$_} }
              qw(bare limit_req llmlimit-shm llmlimit-shm-keys llmlimit-redis
-                llmlimit-reject
+                llmlimit-redis-sync llmlimit-reject
                 llmlimit-reject-quiet llmlimit-reject-logall);
 my %known = map { $_ => 1 } @sorted;
 push @sorted, grep { !$known{$_} } @order;
@@ -726,9 +731,9 @@ callgrind() {
         case $scn in
         llmlimit-*) [ -f "$MODULE" ] || continue ;;
         esac
-        if [ "$scn" = llmlimit-redis ]; then
+        if [[ $scn == llmlimit-redis* ]]; then
             if ! redis_cli ping >/dev/null 2>&1 && ! start_redis; then
-                note "callgrind llmlimit-redis skipped: redis-server did not start"
+                note "callgrind $scn skipped: redis-server did not start"
                 continue
             fi
             redis_cli flushall >/dev/null
