@@ -10,37 +10,33 @@
  * on counter states that hold the cluster's totals as last read from
  * Redis plus what this host admitted since.
  *
- * What this host admitted is kept, under the zone's lock, in a table in
- * the zone's shared memory: per counter, this host's own totals of the
- * current window and of the one before (absolute counts, not deltas), and
- * whether they changed since the last push.  Every TIME the first worker
- * whose timer fires at least 3/4 TIME after the last push sends one EVAL
- * with the changed totals (and, for two more pushes, the unchanged ones,
- * so that a host that stopped admitting still reads the others' counts).
+ * Every count and take-back in the zone is also added, under the zone's
+ * lock, to a table of deltas in the zone's shared memory: per counter,
+ * what this host admitted in the current window and in the one before,
+ * not yet pushed.  One push per host at a time: every worker has a timer
+ * of TIME, and the first whose timer fires at least 3/4 TIME after the
+ * last push takes the table (and empties it) and sends one EVAL that adds
+ * the deltas to Redis and returns the cluster's totals, written back into
+ * the local states (never lowering them).  A window's count is the key
+ * PREFIX "s{" counter "}:" window-start, expiring after the window stops
+ * mattering.  The windows are the local clock's aligned windows,
+ * floor(now / P) * P, the same on every host whose clock is synchronised.
  *
- * Pushes are idempotent: in Redis a window of a counter is a hash, the key
- * PREFIX "s{" counter "}:" window-start, with one field per host (its own
- * total, set only upwards) and a field "t", the sum of the hosts' fields.
- * A total pushed twice (applied by Redis, the reply lost with the
- * connection, pushed again) sets the same value again: nothing is counted
- * twice.  The reply gives, per counter and window, the others' total, t
- * minus this host's field; the local state becomes others + this host's
- * own total at the time of the reply, never lowered.
+ * Pushes are idempotent.  Each carries this host's id (drawn when the zone
+ * is created, kept over reloads) and a sequence number; the script applies
+ * the deltas only if the number is above the last one applied for the
+ * host (the key PREFIX "sync:" host, expiring after a day), and answers
+ * the totals either way.  A push whose reply does not come (the connection
+ * lost, perhaps after Redis applied it) is sent again as it was, same
+ * number, same deltas, before anything else: applied once whatever
+ * happened to the first one.  Meanwhile the host's new deltas wait in the
+ * table and requests are decided locally.
  *
- * A push that fails (no connection, an error, the connection lost before
- * the reply) marks the table for a full push: every counter whose windows
- * still hold a count of this host is pushed again with the next, so a
- * Redis that lost its data (restarted, flushed) gets this host's totals
- * back.  A restart between two pushes is seen from the key PREFIX
- * "sync:epoch", which the script creates from Redis' TIME when it is
- * missing: a new value is a new data set, and the table is pushed whole.
- *
- * The windows are the local clock's aligned windows, floor(now / P) * P,
- * the same on every host whose clock is synchronised.  The table is
- * bounded; a counter that finds it full is counted locally only (a
- * warning per minute).  Connection changes are logged once by the Redis
- * connection (src/ngx_http_llmlimit_redis.c), whose code this store uses
- * through ngx_http_llmlimit_redis_command().
+ * The table holds the counters changed since the last push; it is bounded,
+ * and a counter that finds it full is counted locally only (a warning per
+ * minute).  Connection changes are logged once by the Redis connection
+ * (src/ngx_http_llmlimit_redis.c), whose code this store uses through
+ * ngx_http_llmlimit_redis_command().
  *
  * Only fixed and sliding: their counts per window add up across hosts;
  * GCRA's theoretical arrival time does not, and is refused at
@@ -53,12 +49,15 @@
 #include <hiredis/hiredis.h>
 
 
-/* a push older than this is taken as lost, ms */
+/* a pusher silent for this long is taken as gone, ms */
 #define NGX_HTTP_LLMLIMIT_SYNC_STALE     5000
 #define NGX_HTTP_LLMLIMIT_SYNC_WARN      60000
 
-/* pushes that still read a counter after its last change */
-#define NGX_HTTP_LLMLIMIT_SYNC_IDLE      2
+/* a push answered an error is sent again this many times, at most */
+#define NGX_HTTP_LLMLIMIT_SYNC_TRIES     10
+
+/* how long Redis remembers a host's last push, ms */
+#define NGX_HTTP_LLMLIMIT_SYNC_SEQ_TTL   "86400000"
 
 /* slots in the table: one for every this many counters of a zone */
 #define NGX_HTTP_LLMLIMIT_SYNC_RATIO     4
@@ -69,17 +68,15 @@
 #define NGX_HTTP_LLMLIMIT_SYNC_ARGS      5
 
 
-/* this host's own counts of a counter */
+/* what this host counted of a counter since the last push */
 typedef struct {
     uint64_t                        k[2];        /* the shm counter's key */
     int64_t                         t;           /* window of "cur" */
     uint32_t                        period;      /* 0: a free slot */
-    uint32_t                        cur;         /* admitted here, in t */
-    uint32_t                        prev;        /* ... in t - period */
-    uint8_t                         dirty;       /* changed since pushed */
-    uint8_t                         sliding;     /* else fixed */
-    uint16_t                        idle;        /* pushes since a change */
-} ngx_http_llmlimit_own_t;
+    int32_t                         cur;         /* not pushed, in t */
+    int32_t                         prev;        /* ... in t - period */
+    uint32_t                        sliding;     /* else fixed */
+} ngx_http_llmlimit_delta_t;
 
 
 typedef struct {
@@ -87,12 +84,12 @@ typedef struct {
     ngx_uint_t                      n;
     ngx_uint_t                      dropped;
     int64_t                         warn_time;
-    int64_t                         last;        /* push taken, ms */
-    ngx_pid_t                       pusher;      /* 0: none in flight */
-    ngx_uint_t                      full;        /* push every count */
-    uint64_t                        host;        /* field in Redis */
-    int64_t                         epoch;       /* of Redis' data; 0: none */
-    ngx_http_llmlimit_own_t        *own;
+    int64_t                         last;        /* push sent, ms */
+    ngx_pid_t                       pusher;      /* 0: none owed a reply */
+    uint64_t                        host;        /* id in Redis */
+    uint64_t                        seq;         /* of the last push */
+    uint32_t                       *used;        /* slots, in use order */
+    ngx_http_llmlimit_delta_t      *deltas;
 } ngx_http_llmlimit_sync_sh_t;
 
 
@@ -106,7 +103,7 @@ typedef struct {
     /* per worker */
     ngx_event_t                     timer;
     ngx_log_t                      *log;
-    ngx_http_llmlimit_sync_push_t  *push;        /* in flight */
+    ngx_http_llmlimit_sync_push_t  *push;        /* sent or to send again */
     unsigned                        failed:1;
 } ngx_http_llmlimit_sync_t;
 
@@ -116,7 +113,12 @@ struct ngx_http_llmlimit_sync_push_s {
     ngx_http_llmlimit_sync_t       *sync;
     ngx_pool_t                     *pool;
     ngx_uint_t                      n;
-    ngx_http_llmlimit_own_t        *own;         /* as pushed */
+    ngx_http_llmlimit_delta_t      *deltas;
+    int                             argc;
+    const char                    **argv;
+    size_t                         *argvlen;
+    ngx_uint_t                      tries;
+    unsigned                        sent:1;      /* a reply is owed */
 };
 
 
@@ -137,23 +139,23 @@ static void ngx_http_llmlimit_sync_count(ngx_http_llmlimit_zone_t *zone,
     ngx_int_t n);
 static void ngx_http_llmlimit_sync_exit_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
-static ngx_http_llmlimit_own_t *ngx_http_llmlimit_sync_slot(
+static ngx_http_llmlimit_delta_t *ngx_http_llmlimit_sync_slot(
     ngx_http_llmlimit_sync_sh_t *sh, uint64_t k[2], ngx_uint_t create);
-static void ngx_http_llmlimit_sync_delete(ngx_http_llmlimit_sync_sh_t *sh,
-    uint64_t k[2]);
-static void ngx_http_llmlimit_sync_roll(ngx_http_llmlimit_own_t *d,
-    int64_t now);
-static ngx_uint_t ngx_http_llmlimit_sync_take(ngx_http_llmlimit_sync_t *sync,
-    ngx_http_llmlimit_sync_push_t *push, int64_t now);
+static void ngx_http_llmlimit_sync_roll(ngx_http_llmlimit_delta_t *d,
+    int64_t w);
 static void ngx_http_llmlimit_sync_timer(ngx_event_t *ev);
+static ngx_int_t ngx_http_llmlimit_sync_args(ngx_http_llmlimit_sync_t *sync,
+    ngx_http_llmlimit_sync_push_t *push, uint64_t seq);
+static u_char *ngx_http_llmlimit_sync_arg(u_char *p, u_char *last,
+    ngx_http_llmlimit_sync_push_t *push, const char *fmt, ...);
 static void ngx_http_llmlimit_sync_send(ngx_http_llmlimit_sync_t *sync,
     ngx_http_llmlimit_sync_push_t *push);
 static void ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd,
     void *reply);
 static void ngx_http_llmlimit_sync_update(ngx_http_llmlimit_sync_t *sync,
-    ngx_http_llmlimit_own_t *d, int64_t cur, int64_t prev);
+    ngx_http_llmlimit_delta_t *d, int64_t cur, int64_t prev);
 static void ngx_http_llmlimit_sync_done(ngx_http_llmlimit_sync_t *sync,
-    ngx_http_llmlimit_sync_push_t *push, ngx_uint_t failed);
+    ngx_http_llmlimit_sync_push_t *push);
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_sync_store = {
@@ -172,49 +174,43 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_sync_store = {
 
 
 /*
- * KEYS: none (the keys are made by the caller).  ARGV: the epoch key, this
- * host's field, then five per counter: key of the window, key of the
- * window before, period, this host's total in the window and in the one
- * before (-1: that window is not wanted).  A host's field only grows, "t"
- * moves with it.  Returns the epoch, then the others' totals of both
- * windows per counter.
+ * KEYS: none (the keys are made by the caller).  ARGV: the key of this
+ * host's last push number, this push's number, then five per counter:
+ * key of the window, key of the window before, period, delta of the
+ * window, delta of the window before.  The deltas are added only if the
+ * push is new.  Returns per counter the window's total and the total of
+ * the window before (-1 where its delta is 0: not read).
  */
 
 static char  ngx_http_llmlimit_sync_lua[] =
-    "local ek, host = ARGV[1], ARGV[2]\n"
-    "local e = tonumber(redis.call('GET', ek))\n"
-    "if not e then\n"
-    "  local t = redis.call('TIME')\n"
-    "  e = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
-    "  redis.call('SET', ek, e)\n"
+    "local sk, seq = ARGV[1], tonumber(ARGV[2])\n"
+    "local new = seq > (tonumber(redis.call('GET', sk)) or 0)\n"
+    "if new then\n"
+    "  redis.call('SET', sk, seq, 'PX', "
+           NGX_HTTP_LLMLIMIT_SYNC_SEQ_TTL ")\n"
     "end\n"
-    "local r, n = {e}, 1\n"
+    "local r, n = {}, 0\n"
     "for i = 3, #ARGV, 5 do\n"
     "  local p = tonumber(ARGV[i + 2])\n"
     "  for j = 0, 1 do\n"
-    "    local v, o = tonumber(ARGV[i + 3 + j]), 0\n"
-    "    if v >= 0 then\n"
-    "      local k = ARGV[i + j]\n"
-    "      local h = redis.call('HMGET', k, host, 't')\n"
-    "      local mine, all = tonumber(h[1]) or 0, tonumber(h[2]) or 0\n"
-    "      if v > mine then\n"
-    "        redis.call('HSET', k, host, v, 't', all + v - mine)\n"
-    "        if all == 0 then\n"
-    "          redis.call('PEXPIRE', k, (2 - j) * p + 1000)\n"
-    "        end\n"
-    "        all = all + v - mine\n"
-    "        mine = v\n"
+    "    local k, d = ARGV[i + j], tonumber(ARGV[i + 3 + j])\n"
+    "    local v = -1\n"
+    "    if new and d ~= 0 then\n"
+    "      v = redis.call('INCRBY', k, d)\n"
+    "      if v == d then\n"
+    "        redis.call('PEXPIRE', k, (2 - j) * p + 1000)\n"
     "      end\n"
-    "      o = all - mine\n"
+    "    elseif j == 0 or d ~= 0 then\n"
+    "      v = tonumber(redis.call('GET', k)) or 0\n"
     "    end\n"
     "    n = n + 1\n"
-    "    r[n] = o\n"
+    "    r[n] = v\n"
     "  end\n"
     "end\n"
     "return r\n";
 
 
-/* the request path: the shared-memory store's, own counts kept by count() */
+/* the request path: the shared-memory store's, deltas kept by count() */
 
 static ngx_int_t
 ngx_http_llmlimit_sync_check(ngx_http_request_t *r,
@@ -238,9 +234,8 @@ ngx_http_llmlimit_sync_count(ngx_http_llmlimit_zone_t *zone,
     ngx_int_t n)
 {
     int64_t                       w;
-    uint32_t                     *v;
     ngx_http_llmlimit_sync_t     *sync;
-    ngx_http_llmlimit_own_t      *d;
+    ngx_http_llmlimit_delta_t    *d;
     ngx_http_llmlimit_sync_sh_t  *sh;
 
     sync = zone->data;
@@ -267,41 +262,28 @@ ngx_http_llmlimit_sync_count(ngx_http_llmlimit_zone_t *zone,
     ngx_http_llmlimit_sync_roll(d, w);
 
     if (w == d->t) {
-        v = &d->cur;
+        d->cur += (int32_t) n;
 
     } else if (w == d->t - d->period) {
-        v = &d->prev;
-
-    } else {
-        return;
+        d->prev += (int32_t) n;
     }
-
-    if (n > 0) {
-        *v += (*v < NGX_MAX_UINT32_VALUE);
-
-    } else if (*v > 0) {
-        (*v)--;
-    }
-
-    d->dirty = 1;
-    d->idle = 0;
 }
 
 
 /* the slot of a counter; with "create", a free one if none */
 
-static ngx_http_llmlimit_own_t *
+static ngx_http_llmlimit_delta_t *
 ngx_http_llmlimit_sync_slot(ngx_http_llmlimit_sync_sh_t *sh, uint64_t k[2],
     ngx_uint_t create)
 {
-    ngx_uint_t                i;
-    ngx_http_llmlimit_own_t  *d;
+    ngx_uint_t                  i;
+    ngx_http_llmlimit_delta_t  *d;
 
     for (i = (ngx_uint_t) k[1] & sh->mask;
          /* void */ ;
          i = (i + 1) & sh->mask)
     {
-        d = &sh->own[i];
+        d = &sh->deltas[i];
 
         if (d->period == 0) {
             break;
@@ -318,14 +300,11 @@ ngx_http_llmlimit_sync_slot(ngx_http_llmlimit_sync_sh_t *sh, uint64_t k[2],
         return NULL;
     }
 
-    sh->n++;
+    sh->used[sh->n++] = (uint32_t) i;
     d->k[0] = k[0];
     d->k[1] = k[1];
     d->cur = 0;
     d->prev = 0;
-    d->dirty = 0;
-    d->sliding = 0;
-    d->idle = 0;
 
     /* d->period == 0: the caller sets it */
 
@@ -333,56 +312,11 @@ ngx_http_llmlimit_sync_slot(ngx_http_llmlimit_sync_sh_t *sh, uint64_t k[2],
 }
 
 
-/* frees a counter's slot; the ones after it move back into the gap */
+/* what is kept of the windows that still matter, at window w */
 
 static void
-ngx_http_llmlimit_sync_delete(ngx_http_llmlimit_sync_sh_t *sh, uint64_t k[2])
+ngx_http_llmlimit_sync_roll(ngx_http_llmlimit_delta_t *d, int64_t w)
 {
-    ngx_uint_t                i, j, h;
-    ngx_http_llmlimit_own_t  *d;
-
-    d = ngx_http_llmlimit_sync_slot(sh, k, 0);
-    if (d == NULL) {
-        return;
-    }
-
-    i = d - sh->own;
-    j = i;
-
-    for ( ;; ) {
-        j = (j + 1) & sh->mask;
-        d = &sh->own[j];
-
-        if (d->period == 0) {
-            break;
-        }
-
-        /* a slot stays if its home is cyclically in (i, j] */
-
-        h = (ngx_uint_t) d->k[1] & sh->mask;
-
-        if (i <= j ? (i < h && h <= j) : (i < h || h <= j)) {
-            continue;
-        }
-
-        sh->own[i] = *d;
-        i = j;
-    }
-
-    sh->own[i].period = 0;
-    sh->n--;
-}
-
-
-/* moves a counter's own counts on to the window of "now" */
-
-static void
-ngx_http_llmlimit_sync_roll(ngx_http_llmlimit_own_t *d, int64_t now)
-{
-    int64_t  w;
-
-    w = now - now % (int64_t) d->period;
-
     if (w <= d->t) {
         return;
     }
@@ -399,10 +333,12 @@ static void
 ngx_http_llmlimit_sync_timer(ngx_event_t *ev)
 {
     int64_t                         now;
-    ngx_uint_t                      dropped;
+    uint64_t                        seq;
+    ngx_uint_t                      i, n, dropped;
     ngx_pool_t                     *pool;
     ngx_http_llmlimit_zone_t       *zone;
     ngx_http_llmlimit_sync_t       *sync;
+    ngx_http_llmlimit_delta_t      *d;
     ngx_http_llmlimit_sync_sh_t    *sh;
     ngx_http_llmlimit_sync_push_t  *push;
 
@@ -414,12 +350,38 @@ ngx_http_llmlimit_sync_timer(ngx_event_t *ev)
         ngx_add_timer(&sync->timer, sync->interval);
     }
 
+    now = ngx_http_llmlimit_now();
+
     if (sync->push) {
-        /* still in flight from this worker */
+
+        if (sync->push->sent) {
+            /* still owed a reply */
+            return;
+        }
+
+        /* the push again, as it was: nothing else before it is answered */
+
+        ngx_shmtx_lock(&zone->shpool->mutex);
+        sh->last = now;
+        ngx_shmtx_unlock(&zone->shpool->mutex);
+
+        ngx_http_llmlimit_sync_send(sync, sync->push);
         return;
     }
 
-    now = ngx_http_llmlimit_now();
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    if ((sh->pusher && now - sh->last < NGX_HTTP_LLMLIMIT_SYNC_STALE)
+        || now - sh->last < (int64_t) (sync->interval / 4 * 3)
+        || sh->n == 0)
+    {
+        ngx_shmtx_unlock(&zone->shpool->mutex);
+        return;
+    }
+
+    n = sh->n;
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
 
     pool = ngx_create_pool(4096, sync->log);
     if (pool == NULL) {
@@ -436,14 +398,24 @@ ngx_http_llmlimit_sync_timer(ngx_event_t *ev)
     push->pool = pool;
     push->cmd.handler = ngx_http_llmlimit_sync_reply;
 
+    /* room for what the table holds now, and for what comes meanwhile */
+
+    n = n + n / 4 + 16;
+
+    push->deltas = ngx_palloc(pool, n * sizeof(ngx_http_llmlimit_delta_t));
+    if (push->deltas == NULL) {
+        ngx_destroy_pool(pool);
+        return;
+    }
+
     dropped = 0;
 
     ngx_shmtx_lock(&zone->shpool->mutex);
 
     if ((sh->pusher && now - sh->last < NGX_HTTP_LLMLIMIT_SYNC_STALE)
-        || now - sh->last < (int64_t) (sync->interval / 4 * 3)
-        || sh->n == 0)
+        || sh->n == 0 || sh->n > n)
     {
+        /* another worker was first, or the table grew beyond the room */
         ngx_shmtx_unlock(&zone->shpool->mutex);
         ngx_destroy_pool(pool);
         return;
@@ -459,23 +431,28 @@ ngx_http_llmlimit_sync_timer(ngx_event_t *ev)
         sh->warn_time = now;
     }
 
-    push->own = ngx_palloc(pool, sh->n * sizeof(ngx_http_llmlimit_own_t));
+    /* take the table's deltas and empty it */
 
-    if (push->own == NULL) {
-        ngx_shmtx_unlock(&zone->shpool->mutex);
-        ngx_destroy_pool(pool);
-        return;
+    for (i = 0; i < sh->n; i++) {
+        d = &sh->deltas[sh->used[i]];
+
+        if (d->cur || d->prev) {
+            push->deltas[push->n++] = *d;
+        }
+
+        d->period = 0;
     }
 
-    push->n = ngx_http_llmlimit_sync_take(sync, push, now);
+    sh->n = 0;
 
+    seq = ++sh->seq;
     sh->pusher = push->n ? ngx_pid : 0;
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
 
     if (dropped) {
         ngx_log_error(NGX_LOG_WARN, sync->log, 0,
-                      "llmlimit zone \"%V\": no room for the counts of "
+                      "llmlimit zone \"%V\": no room for the deltas of "
                       "%ui requests, counted on this host only",
                       &zone->name, dropped);
     }
@@ -485,163 +462,120 @@ ngx_http_llmlimit_sync_timer(ngx_event_t *ev)
         return;
     }
 
+    if (ngx_http_llmlimit_sync_args(sync, push, seq) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ALERT, sync->log, 0,
+                      "llmlimit zone \"%V\": no memory for a push, "
+                      "%ui counters not pushed", &zone->name, push->n);
+        ngx_http_llmlimit_sync_done(sync, push);
+        return;
+    }
+
+    sync->push = push;
+
     ngx_http_llmlimit_sync_send(sync, push);
 }
 
 
-/*
- * Under the zone's lock: copies into the push the counters to push (the
- * changed ones, those changed in the last pushes, or all after a failure)
- * and frees the slots of counters with no count of this host left.
- */
+/* EVAL script 0 seq-key seq, then five arguments per counter */
 
-static ngx_uint_t
-ngx_http_llmlimit_sync_take(ngx_http_llmlimit_sync_t *sync,
-    ngx_http_llmlimit_sync_push_t *push, int64_t now)
+static ngx_int_t
+ngx_http_llmlimit_sync_args(ngx_http_llmlimit_sync_t *sync,
+    ngx_http_llmlimit_sync_push_t *push, uint64_t seq)
 {
-    ngx_uint_t                    i, n, nfree, full;
-    ngx_http_llmlimit_own_t      *d, *gone;
-    ngx_http_llmlimit_sync_sh_t  *sh;
+    u_char                     *p, *last;
+    size_t                      len, size;
+    ngx_str_t                  *prefix;
+    ngx_uint_t                  i;
+    ngx_http_llmlimit_delta_t  *d;
 
-    sh = sync->sh;
-    full = sh->full;
-    sh->full = 0;
+    push->argc = (int) (5 + NGX_HTTP_LLMLIMIT_SYNC_ARGS * push->n);
 
-    n = 0;
-    nfree = 0;
+    push->argv = ngx_palloc(push->pool, push->argc * sizeof(char *));
+    push->argvlen = ngx_palloc(push->pool, push->argc * sizeof(size_t));
 
-    /* the slots to free are listed from the end of the push's array */
+    prefix = ngx_http_llmlimit_redis_prefix(sync->zone->redis);
+    len = 2 * (prefix->len + sizeof("s{}:") - 1 + 32 + NGX_INT64_LEN)
+          + 3 * NGX_INT64_LEN;
+    size = push->n * len + prefix->len + sizeof("sync:") + 16
+           + NGX_INT64_LEN;
 
-    gone = push->own + sh->n;
+    p = ngx_pnalloc(push->pool, size);
 
-    for (i = 0; i <= sh->mask; i++) {
-        d = &sh->own[i];
-
-        if (d->period == 0) {
-            continue;
-        }
-
-        ngx_http_llmlimit_sync_roll(d, now);
-
-        if (d->dirty || (full && (d->cur || d->prev))
-            || d->idle < NGX_HTTP_LLMLIMIT_SYNC_IDLE)
-        {
-            if (!d->dirty && d->idle < NGX_HTTP_LLMLIMIT_SYNC_IDLE) {
-                d->idle++;
-            }
-
-            d->dirty = 0;
-            push->own[n++] = *d;
-            continue;
-        }
-
-        if (d->cur == 0 && d->prev == 0) {
-            *--gone = *d;
-            nfree++;
-        }
+    if (push->argv == NULL || push->argvlen == NULL || p == NULL) {
+        return NGX_ERROR;
     }
 
-    /* the array holds sh->n slots: "gone" never meets the pushed ones */
+    last = p + size;
 
-    for (i = 0; i < nfree; i++) {
-        ngx_http_llmlimit_sync_delete(sh, gone[i].k);
+    push->argv[0] = "EVAL";
+    push->argvlen[0] = 4;
+    push->argv[1] = ngx_http_llmlimit_sync_lua;
+    push->argvlen[1] = sizeof(ngx_http_llmlimit_sync_lua) - 1;
+    push->argv[2] = "0";
+    push->argvlen[2] = 1;
+    push->argc = 3;
+
+    p = ngx_http_llmlimit_sync_arg(p, last, push, "%Vsync:%016uxL", prefix,
+                                   sync->sh->host);
+    p = ngx_http_llmlimit_sync_arg(p, last, push, "%uL", seq);
+
+    for (i = 0; i < push->n; i++) {
+        d = &push->deltas[i];
+
+        p = ngx_http_llmlimit_sync_arg(p, last, push, "%Vs{%016uxL%016uxL}:%L",
+                                       prefix, d->k[0], d->k[1], d->t);
+        p = ngx_http_llmlimit_sync_arg(p, last, push, "%Vs{%016uxL%016uxL}:%L",
+                                       prefix, d->k[0], d->k[1],
+                                       d->t - (int64_t) d->period);
+        p = ngx_http_llmlimit_sync_arg(p, last, push, "%uD", d->period);
+        p = ngx_http_llmlimit_sync_arg(p, last, push, "%D", d->cur);
+        p = ngx_http_llmlimit_sync_arg(p, last, push, "%D", d->prev);
     }
 
-    return n;
+    return NGX_OK;
 }
 
 
-/* EVAL script 0 epoch-key host, then five arguments per counter */
+/* one argument of the EVAL, printed into the push's buffer */
+
+static u_char *
+ngx_http_llmlimit_sync_arg(u_char *p, u_char *last,
+    ngx_http_llmlimit_sync_push_t *push, const char *fmt, ...)
+{
+    u_char   *start;
+    va_list   args;
+
+    start = p;
+
+    va_start(args, fmt);
+    p = ngx_vslprintf(p, last, fmt, args);
+    va_end(args);
+
+    push->argv[push->argc] = (const char *) start;
+    push->argvlen[push->argc] = p - start;
+    push->argc++;
+
+    return p;
+}
+
 
 static void
 ngx_http_llmlimit_sync_send(ngx_http_llmlimit_sync_t *sync,
     ngx_http_llmlimit_sync_push_t *push)
 {
-    u_char                    *p, *buf;
-    size_t                     len, *argvlen;
-    ngx_int_t                  rc;
-    ngx_str_t                 *prefix;
-    ngx_uint_t                 i, a, argc;
-    const char               **argv;
-    ngx_http_llmlimit_own_t   *d;
-    ngx_http_llmlimit_zone_t  *zone;
-
-    zone = sync->zone;
-
-    argc = 5 + NGX_HTTP_LLMLIMIT_SYNC_ARGS * push->n;
-
-    argv = ngx_palloc(push->pool, argc * sizeof(char *));
-    argvlen = ngx_palloc(push->pool, argc * sizeof(size_t));
-
-    prefix = ngx_http_llmlimit_redis_prefix(zone->redis);
-    len = 2 * (prefix->len + sizeof("s{}:") - 1 + 32 + NGX_INT64_LEN)
-          + 3 * NGX_INT64_LEN;
-
-    buf = ngx_pnalloc(push->pool, push->n * len + prefix->len
-                                  + sizeof("sync:epoch") + 16);
-
-    if (argv == NULL || argvlen == NULL || buf == NULL) {
-        ngx_http_llmlimit_sync_done(sync, push, 1);
-        return;
+    if (ngx_http_llmlimit_redis_command(sync->zone->redis, push->argc,
+                                        push->argv, push->argvlen,
+                                        &push->cmd)
+        == NGX_OK)
+    {
+        push->sent = 1;
     }
 
-    argv[0] = "EVAL";
-    argvlen[0] = 4;
-    argv[1] = ngx_http_llmlimit_sync_lua;
-    argvlen[1] = sizeof(ngx_http_llmlimit_sync_lua) - 1;
-    argv[2] = "0";
-    argvlen[2] = 1;
-
-    p = buf;
-
-#define ngx_http_llmlimit_sync_arg(fmt, ...)                                 \
-    argv[a] = (char *) p;                                                    \
-    p = ngx_sprintf(p, fmt, __VA_ARGS__);                                    \
-    argvlen[a] = p - (u_char *) argv[a];                                     \
-    a++
-
-    a = 3;
-
-    ngx_http_llmlimit_sync_arg("%Vsync:epoch", prefix);
-    ngx_http_llmlimit_sync_arg("%016uxL", sync->sh->host);
-
-    for (i = 0; i < push->n; i++) {
-        d = &push->own[i];
-
-        ngx_http_llmlimit_sync_arg("%Vs{%016uxL%016uxL}:%L", prefix,
-                                   d->k[0], d->k[1], d->t);
-        ngx_http_llmlimit_sync_arg("%Vs{%016uxL%016uxL}:%L", prefix,
-                                   d->k[0], d->k[1],
-                                   d->t - (int64_t) d->period);
-        ngx_http_llmlimit_sync_arg("%uD", d->period);
-        ngx_http_llmlimit_sync_arg("%uD", d->cur);
-
-        /* the window before matters to sliding counters only */
-
-        if (d->sliding) {
-            ngx_http_llmlimit_sync_arg("%uD", d->prev);
-
-        } else {
-            ngx_http_llmlimit_sync_arg("%s", "-1");
-        }
-    }
-
-#undef ngx_http_llmlimit_sync_arg
-
-    rc = ngx_http_llmlimit_redis_command(zone->redis, (int) argc, argv,
-                                         argvlen, &push->cmd);
-
-    if (rc != NGX_OK) {
-        /* Redis is not there: the counts wait for the next push */
-        ngx_http_llmlimit_sync_done(sync, push, 1);
-        return;
-    }
-
-    sync->push = push;
+    /* else Redis is not there: the same push at the next tick */
 }
 
 
-/* the others' totals of both windows of every counter pushed */
+/* the totals of both windows of every counter pushed */
 
 static void
 ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply)
@@ -650,28 +584,40 @@ ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply)
     redisReply                     *rep;
     ngx_http_llmlimit_zone_t       *zone;
     ngx_http_llmlimit_sync_t       *sync;
-    ngx_http_llmlimit_sync_sh_t    *sh;
     ngx_http_llmlimit_sync_push_t  *push;
 
     push = (ngx_http_llmlimit_sync_push_t *) cmd;
     sync = push->sync;
     zone = sync->zone;
-    sh = sync->sh;
     rep = reply;
 
-    ok = (rep != NULL && rep->type == REDIS_REPLY_ARRAY
-          && rep->elements == 1 + 2 * push->n);
+    push->sent = 0;
+
+    if (rep == NULL) {
+        /*
+         * the connection was lost: the push may or may not have been
+         * applied; it is sent again as it is with the next tick
+         */
+
+        if (ngx_exiting || ngx_terminate || ngx_quit) {
+            ngx_http_llmlimit_sync_done(sync, push);
+        }
+
+        return;
+    }
+
+    ok = (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 * push->n);
 
     for (i = 0; ok && i < rep->elements; i++) {
         if (rep->element[i]->type != REDIS_REPLY_INTEGER
-            || rep->element[i]->integer < 0)
+            || rep->element[i]->integer < -1)
         {
             ok = 0;
         }
     }
 
     if (!ok) {
-        if (rep && !sync->failed) {
+        if (!sync->failed) {
             ngx_log_error(NGX_LOG_ERR, sync->log, 0,
                           "llmlimit zone \"%V\": redis_sync push failed: %*s",
                           &zone->name,
@@ -683,7 +629,15 @@ ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply)
             sync->failed = 1;
         }
 
-        ngx_http_llmlimit_sync_done(sync, push, 1);
+        /* sent again a few times (LOADING, BUSY); not applied twice */
+
+        if (++push->tries >= NGX_HTTP_LLMLIMIT_SYNC_TRIES) {
+            ngx_log_error(NGX_LOG_ERR, sync->log, 0,
+                          "llmlimit zone \"%V\": redis_sync gave up a push "
+                          "of %ui counters", &zone->name, push->n);
+            ngx_http_llmlimit_sync_done(sync, push);
+        }
+
         return;
     }
 
@@ -696,41 +650,32 @@ ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply)
 
     ngx_shmtx_lock(&zone->shpool->mutex);
 
-    if (sh->epoch != rep->element[0]->integer) {
-
-        /* a new data set (a Redis restarted empty): push all again */
-
-        if (sh->epoch) {
-            sh->full = 1;
-        }
-
-        sh->epoch = rep->element[0]->integer;
-    }
-
     for (i = 0; i < push->n; i++) {
-        ngx_http_llmlimit_sync_update(sync, &push->own[i],
-                                      rep->element[1 + 2 * i]->integer,
-                                      rep->element[2 + 2 * i]->integer);
+        ngx_http_llmlimit_sync_update(sync, &push->deltas[i],
+                                      rep->element[2 * i]->integer,
+                                      rep->element[2 * i + 1]->integer);
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
 
-    ngx_http_llmlimit_sync_done(sync, push, 0);
+    ngx_http_llmlimit_sync_done(sync, push);
 }
 
 
 /*
- * Under the zone's lock: a counter's local state takes the others' totals
- * of the windows pushed plus this host's own now, unless it holds more.
+ * Under the zone's lock: a counter's local state takes the cluster's
+ * totals of the windows pushed, plus what was counted here since the push
+ * was taken, unless it already holds more (a Redis that lost its data).
+ * A total of -1 was not read.
  */
 
 static void
 ngx_http_llmlimit_sync_update(ngx_http_llmlimit_sync_t *sync,
-    ngx_http_llmlimit_own_t *d, int64_t cur, int64_t prev)
+    ngx_http_llmlimit_delta_t *d, int64_t cur, int64_t prev)
 {
-    int64_t                     P;
-    ngx_http_llmlimit_own_t    *now;
-    ngx_http_llmlimit_state_t  *st;
+    int64_t                      P, uc, up;
+    ngx_http_llmlimit_state_t   *st;
+    ngx_http_llmlimit_delta_t   *now;
 
     st = ngx_http_llmlimit_shm_state_locked(sync->zone, d->k);
     if (st == NULL) {
@@ -739,54 +684,48 @@ ngx_http_llmlimit_sync_update(ngx_http_llmlimit_sync_t *sync,
 
     P = d->period;
 
-    /* this host's own counts in the windows pushed, as they are now */
+    /* counted here since the push was taken */
 
     now = ngx_http_llmlimit_sync_slot(sync->sh, d->k, 0);
+    uc = 0;
+    up = 0;
 
     if (now && now->t == d->t) {
-        cur += now->cur;
-        prev += now->prev;
+        uc = now->cur;
+        up = now->prev;
 
     } else if (now && now->t == d->t + P) {
-        cur += now->prev;
+        up = now->prev;
     }
-
-    cur = ngx_min(cur, NGX_MAX_UINT32_VALUE);
-    prev = ngx_min(prev, NGX_MAX_UINT32_VALUE);
 
     if (st->t == d->t) {
-        st->cur = ngx_max(st->cur, (uint32_t) cur);
+        cur += uc;
 
-        if (d->sliding) {
-            st->prev = ngx_max(st->prev, (uint32_t) prev);
+        if (cur > (int64_t) st->cur) {
+            st->cur = (uint32_t) ngx_min(cur, NGX_MAX_UINT32_VALUE);
         }
 
-        return;
-    }
+        prev += up;
 
-    if (!d->sliding) {
-        return;
-    }
+        if (d->sliding && prev >= 0 && prev > (int64_t) st->prev) {
+            st->prev = (uint32_t) ngx_min(prev, NGX_MAX_UINT32_VALUE);
+        }
 
-    /* a window before or after the state's: it rolls into or out of prev */
+    } else if (st->t == d->t + P && d->sliding) {
+        cur += up;
 
-    if (st->t == d->t + P) {
-        st->prev = ngx_max(st->prev, (uint32_t) cur);
-
-    } else if (st->t == d->t - P) {
-        st->cur = ngx_max(st->cur, (uint32_t) prev);
+        if (cur > (int64_t) st->prev) {
+            st->prev = (uint32_t) ngx_min(cur, NGX_MAX_UINT32_VALUE);
+        }
     }
 }
 
 
-/*
- * The end of a push; one that failed (may not have been applied, or
- * applied with its reply lost) has the whole table pushed with the next.
- */
+/* the end of a push: answered, given up, or its worker exiting */
 
 static void
 ngx_http_llmlimit_sync_done(ngx_http_llmlimit_sync_t *sync,
-    ngx_http_llmlimit_sync_push_t *push, ngx_uint_t failed)
+    ngx_http_llmlimit_sync_push_t *push)
 {
     ngx_http_llmlimit_zone_t  *zone;
 
@@ -796,10 +735,6 @@ ngx_http_llmlimit_sync_done(ngx_http_llmlimit_sync_t *sync,
 
     if (sync->sh->pusher == ngx_pid) {
         sync->sh->pusher = 0;
-    }
-
-    if (failed) {
-        sync->sh->full = 1;
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
@@ -927,9 +862,11 @@ ngx_http_llmlimit_sync_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_ERROR;
     }
 
-    sh->own = ngx_slab_calloc(zone->shpool,
-                              n * sizeof(ngx_http_llmlimit_own_t));
-    if (sh->own == NULL) {
+    sh->deltas = ngx_slab_calloc(zone->shpool,
+                                 n * sizeof(ngx_http_llmlimit_delta_t));
+    sh->used = ngx_slab_alloc(zone->shpool, n * sizeof(uint32_t));
+
+    if (sh->deltas == NULL || sh->used == NULL) {
         return NGX_ERROR;
     }
 
@@ -939,8 +876,7 @@ ngx_http_llmlimit_sync_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     sh->warn_time = 0;
     sh->last = 0;
     sh->pusher = 0;
-    sh->full = 0;
-    sh->epoch = 0;
+    sh->seq = 0;
 
     /*
      * this host's field in Redis: kept over reloads with the zone, new for
@@ -1009,7 +945,7 @@ ngx_http_llmlimit_sync_exit_process(ngx_cycle_t *cycle,
         ngx_del_timer(&sync->timer);
     }
 
-    /* a push in flight is answered NULL: the next is a full one */
+    /* a push owed a reply is answered NULL: ngx_exiting, it ends there */
 
     ngx_http_llmlimit_redis_exit_process(cycle, zone);
 }

@@ -298,7 +298,7 @@ my $cb = $tb->conn;
     ok(wait_for(10, sub { $pa->dropped }), 'the reply of a push was lost');
     my $p = $pa->pushes;
 
-    # A pushes again (once connected again): its whole table
+    # A sends the same push again once connected again
     ok(wait_for(10, sub { $pa->pushes >= $p + 1 }), 'host A pushed again')
         or diag('pushes: ' . $pa->pushes);
     is(redis_total($rd), 20, 'lost reply: Redis counts each request once');
@@ -306,7 +306,8 @@ my $cb = $tb->conn;
     # B learns the cluster's count within two pushes of its own
     is(remaining($cb, 'GET /h', $key), 99, 'host B: its own first request');
     $p = $pb->pushes;
-    wait_for(10, sub { $pb->pushes >= $p + 2 });
+    wait_for(10, sub { $pb->pushes >= $p + 1 });
+    sleep 0.3;
     is(remaining($cb, 'GET /h', $key), 100 - 22,
        'lost reply: host B sees 20 + its 2, not the push twice');
 }
@@ -370,55 +371,59 @@ my $cb = $tb->conn;
 
 # ---------------------------------------------------------------------------
 # Redis stopped and restarted empty during traffic on both hosts: both
-# decide locally meanwhile; after, every host's totals are pushed again
-# (those from before the stop too), each request counted once, and each
-# host sees the other's requests
+# decide locally meanwhile; after, what was admitted from the stop on is
+# pushed (a push owed a reply when Redis went away too, once), nothing
+# twice, and each host reads the cluster's totals again
 
 {
     my $key = uid();
-    my ($a, $b, $down, $down_passed) = (0, 0, 0, 0);
+    my ($before, $since, $down, $down_passed) = (0, 0, 0, 0);
 
     my $traffic = sub {
-        my ($secs, $outage) = @_;
+        my ($secs, $phase) = @_;
         my $end = time + $secs;
         while (time < $end) {
-            my ($x, $y) = (passed($ca, 'GET /r', $key),
-                           passed($cb, 'GET /r', $key));
-            $a += $x;
-            $b += $y;
-            if ($outage) { $down += 2; $down_passed += $x + $y; }
+            my $n = passed($ca, 'GET /r', $key) + passed($cb, 'GET /r', $key);
+            if ($phase eq 'before') { $before += $n; next; }
+            $since += $n;
+            if ($phase eq 'down') { $down += 2; $down_passed += $n; }
         }
     };
 
-    $traffic->(0.5);
+    $traffic->(0.5, 'before');
     $rd->stop;
-    $traffic->(0.5, 1);
+    $traffic->(0.5, 'down');
     $rd->start;
-    $traffic->(0.5);
+    $traffic->(0.5, 'after');
 
     ok($down > 0 && $down_passed == $down,
        "Redis down: both hosts decide locally ($down_passed of $down)");
 
-    my $total = $a + $b;
-    wait_for(10, sub { redis_total($rd, 'x') == $total });
-    is(redis_total($rd, 'x'), $total,
-       "Redis back: all $total requests counted, those before the stop too");
+    my $all = $before + $since;
+    wait_for(10, sub { redis_total($rd, 'x') >= $since });
+    my $n = redis_total($rd, 'x');
+    ok($n >= $since, "Redis back: the $since requests from the stop on "
+                     . "are pushed ($n)");
+    ok($n <= $all, "no request counted twice ($n <= $all)");
+    diag("Redis restarted empty: it holds $n of the $all requests, "
+         . "$since of them from the stop on");
 
-    # a few more pushes of each host: still each request once
+    # one more request on each host: one more push each, counted once
     my ($p, $q) = ($pa->pushes, $pb->pushes);
-    $a += passed($ca, 'GET /r', $key);
-    $b += passed($cb, 'GET /r', $key);
-    $total += 2;
-    wait_for(10, sub { $pa->pushes >= $p + 3 && $pb->pushes >= $q + 3 });
-    is(redis_total($rd, 'x'), $total, 'no request counted twice');
+    passed($ca, 'GET /r', $key);
+    passed($cb, 'GET /r', $key);
+    wait_for(10, sub { $pa->pushes >= $p + 1 && $pb->pushes >= $q + 1 });
+    wait_for(10, sub { redis_total($rd, 'x') >= $n + 2 });
+    sleep 0.5;
+    is(redis_total($rd, 'x'), $n + 2, 'the next pushes: each request once');
 
-    # each host's view holds the other's requests (1 of the other's last
-    # may still be on its way)
+    # each host's view holds at least what Redis holds (the other host's
+    # last request may still be on its way)
+    my $want = 100000 - ($n + 2) - 1;
     my $ra = remaining($ca, 'GET /r', $key);
     my $rb = remaining($cb, 'GET /r', $key);
-    my $want = 100000 - $total - 1;
-    ok($ra <= $want && $ra >= $want - 2, "host A sees the cluster: $ra ~ $want");
-    ok($rb <= $want && $rb >= $want - 2, "host B sees the cluster: $rb ~ $want");
+    ok($ra <= $want + 1, "host A reads the cluster's total again: $ra <= $want + 1");
+    ok($rb <= $want + 1, "host B reads the cluster's total again: $rb <= $want + 1");
 
     for my $t ($ta, $tb) {
         my $log = $t->error_log;
