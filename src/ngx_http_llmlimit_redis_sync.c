@@ -64,8 +64,10 @@
 #define NGX_HTTP_LLMLIMIT_SYNC_MIN       64
 #define NGX_HTTP_LLMLIMIT_SYNC_MAX       65536
 
-/* arguments of a counter in the EVAL */
-#define NGX_HTTP_LLMLIMIT_SYNC_ARGS      5
+/* a window's key, its time to live and count; a counter and its delta */
+#define NGX_HTTP_LLMLIMIT_SYNC_GROUP_LEN                                     \
+    (sizeof("s::") - 1 + 3 * NGX_INT64_LEN + NGX_INT32_LEN)
+#define NGX_HTTP_LLMLIMIT_SYNC_ENTRY_LEN  (32 + NGX_INT32_LEN)
 
 
 /* what this host counted of a counter since the last push */
@@ -93,6 +95,15 @@ typedef struct {
 } ngx_http_llmlimit_sync_sh_t;
 
 
+/* one window of one counter in a push */
+typedef struct {
+    int64_t                         w;
+    uint32_t                        period;
+    int32_t                         delta;
+    ngx_uint_t                      index;       /* 2 * delta's + prev */
+} ngx_http_llmlimit_sync_entry_t;
+
+
 typedef struct ngx_http_llmlimit_sync_push_s  ngx_http_llmlimit_sync_push_t;
 
 typedef struct {
@@ -114,6 +125,9 @@ struct ngx_http_llmlimit_sync_push_s {
     ngx_pool_t                     *pool;
     ngx_uint_t                      n;
     ngx_http_llmlimit_delta_t      *deltas;
+    ngx_uint_t                      nentries;
+    ngx_http_llmlimit_sync_entry_t *entries;     /* by window */
+    int64_t                        *totals;      /* 2 per delta; -1: none */
     int                             argc;
     const char                    **argv;
     size_t                         *argvlen;
@@ -145,7 +159,9 @@ static void ngx_http_llmlimit_sync_roll(ngx_http_llmlimit_delta_t *d,
     int64_t w);
 static void ngx_http_llmlimit_sync_timer(ngx_event_t *ev);
 static ngx_int_t ngx_http_llmlimit_sync_args(ngx_http_llmlimit_sync_t *sync,
-    ngx_http_llmlimit_sync_push_t *push, uint64_t seq);
+    ngx_http_llmlimit_sync_push_t *push, uint64_t seq, int64_t now);
+static int ngx_libc_cdecl ngx_http_llmlimit_sync_cmp(const void *one,
+    const void *two);
 static u_char *ngx_http_llmlimit_sync_arg(u_char *p, u_char *last,
     ngx_http_llmlimit_sync_push_t *push, const char *fmt, ...);
 static void ngx_http_llmlimit_sync_send(ngx_http_llmlimit_sync_t *sync,
@@ -175,11 +191,10 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_sync_store = {
 
 /*
  * KEYS: none (the keys are made by the caller).  ARGV: the key of this
- * host's last push number, this push's number, then five per counter:
- * key of the window, key of the window before, period, delta of the
- * window, delta of the window before.  The deltas are added only if the
- * push is new.  Returns per counter the window's total and the total of
- * the window before (-1 where its delta is 0: not read).
+ * host's last push number, this push's number, then groups: a window's
+ * key (a hash: a field per counter), its time to live, the number m of
+ * counters, then m pairs of counter and delta.  The deltas are added only
+ * if the push is new.  Returns each counter's total in its window.
  */
 
 static char  ngx_http_llmlimit_sync_lua[] =
@@ -189,23 +204,24 @@ static char  ngx_http_llmlimit_sync_lua[] =
     "  redis.call('SET', sk, seq, 'PX', "
            NGX_HTTP_LLMLIMIT_SYNC_SEQ_TTL ")\n"
     "end\n"
-    "local r, n = {}, 0\n"
-    "for i = 3, #ARGV, 5 do\n"
-    "  local p = tonumber(ARGV[i + 2])\n"
-    "  for j = 0, 1 do\n"
-    "    local k, d = ARGV[i + j], tonumber(ARGV[i + 3 + j])\n"
-    "    local v = -1\n"
+    "local r, n, i = {}, 0, 3\n"
+    "while i <= #ARGV do\n"
+    "  local k, ttl, m = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])\n"
+    "  i = i + 3\n"
+    "  for j = i, i + 2 * m - 1, 2 do\n"
+    "    local d, v = tonumber(ARGV[j + 1])\n"
     "    if new and d ~= 0 then\n"
-    "      v = redis.call('INCRBY', k, d)\n"
-    "      if v == d then\n"
-    "        redis.call('PEXPIRE', k, (2 - j) * p + 1000)\n"
-    "      end\n"
-    "    elseif j == 0 or d ~= 0 then\n"
-    "      v = tonumber(redis.call('GET', k)) or 0\n"
+    "      v = redis.call('HINCRBY', k, ARGV[j], d)\n"
+    "    else\n"
+    "      v = tonumber(redis.call('HGET', k, ARGV[j])) or 0\n"
     "    end\n"
     "    n = n + 1\n"
     "    r[n] = v\n"
     "  end\n"
+    "  if new then\n"
+    "    redis.call('PEXPIRE', k, ttl)\n"
+    "  end\n"
+    "  i = i + 2 * m\n"
     "end\n"
     "return r\n";
 
@@ -462,7 +478,7 @@ ngx_http_llmlimit_sync_timer(ngx_event_t *ev)
         return;
     }
 
-    if (ngx_http_llmlimit_sync_args(sync, push, seq) != NGX_OK) {
+    if (ngx_http_llmlimit_sync_args(sync, push, seq, now) != NGX_OK) {
         ngx_log_error(NGX_LOG_ALERT, sync->log, 0,
                       "llmlimit zone \"%V\": no memory for a push, "
                       "%ui counters not pushed", &zone->name, push->n);
@@ -476,28 +492,80 @@ ngx_http_llmlimit_sync_timer(ngx_event_t *ev)
 }
 
 
-/* EVAL script 0 seq-key seq, then five arguments per counter */
+/*
+ * EVAL script 0 seq-key seq, then per window: its key, time to live and
+ * number of counters, and a counter and its delta for each
+ */
 
 static ngx_int_t
 ngx_http_llmlimit_sync_args(ngx_http_llmlimit_sync_t *sync,
-    ngx_http_llmlimit_sync_push_t *push, uint64_t seq)
+    ngx_http_llmlimit_sync_push_t *push, uint64_t seq, int64_t now)
 {
-    u_char                     *p, *last;
-    size_t                      len, size;
-    ngx_str_t                  *prefix;
-    ngx_uint_t                  i;
-    ngx_http_llmlimit_delta_t  *d;
+    u_char                          *p, *last;
+    size_t                           size;
+    int64_t                          ttl;
+    ngx_str_t                       *prefix;
+    ngx_uint_t                       i, j, n, groups;
+    ngx_http_llmlimit_delta_t       *d;
+    ngx_http_llmlimit_sync_entry_t  *e;
 
-    push->argc = (int) (5 + NGX_HTTP_LLMLIMIT_SYNC_ARGS * push->n);
+    push->entries = ngx_palloc(push->pool, 2 * push->n
+                                       * sizeof(ngx_http_llmlimit_sync_entry_t));
+    push->totals = ngx_palloc(push->pool, 2 * push->n * sizeof(int64_t));
+
+    if (push->entries == NULL || push->totals == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* the window of each delta, and the window before where it has one */
+
+    n = 0;
+
+    for (i = 0; i < push->n; i++) {
+        d = &push->deltas[i];
+
+        e = &push->entries[n++];
+        e->w = d->t;
+        e->period = d->period;
+        e->delta = d->cur;
+        e->index = 2 * i;
+
+        push->totals[2 * i + 1] = -1;
+
+        if (d->prev) {
+            e = &push->entries[n++];
+            e->w = d->t - (int64_t) d->period;
+            e->period = d->period;
+            e->delta = d->prev;
+            e->index = 2 * i + 1;
+        }
+    }
+
+    push->nentries = n;
+
+    ngx_qsort(push->entries, n, sizeof(ngx_http_llmlimit_sync_entry_t),
+              ngx_http_llmlimit_sync_cmp);
+
+    groups = 0;
+
+    for (i = 0; i < n; i++) {
+        if (i == 0 || ngx_http_llmlimit_sync_cmp(&push->entries[i - 1],
+                                                 &push->entries[i]))
+        {
+            groups++;
+        }
+    }
+
+    prefix = ngx_http_llmlimit_redis_prefix(sync->zone->redis);
+
+    push->argc = (int) (5 + 3 * groups + 2 * n);
 
     push->argv = ngx_palloc(push->pool, push->argc * sizeof(char *));
     push->argvlen = ngx_palloc(push->pool, push->argc * sizeof(size_t));
 
-    prefix = ngx_http_llmlimit_redis_prefix(sync->zone->redis);
-    len = 2 * (prefix->len + sizeof("s{}:") - 1 + 32 + NGX_INT64_LEN)
-          + 3 * NGX_INT64_LEN;
-    size = push->n * len + prefix->len + sizeof("sync:") + 16
-           + NGX_INT64_LEN;
+    size = groups * (prefix->len + NGX_HTTP_LLMLIMIT_SYNC_GROUP_LEN)
+           + n * NGX_HTTP_LLMLIMIT_SYNC_ENTRY_LEN
+           + prefix->len + sizeof("sync:") + 16 + NGX_INT64_LEN;
 
     p = ngx_pnalloc(push->pool, size);
 
@@ -519,20 +587,51 @@ ngx_http_llmlimit_sync_args(ngx_http_llmlimit_sync_t *sync,
                                    sync->sh->host);
     p = ngx_http_llmlimit_sync_arg(p, last, push, "%uL", seq);
 
-    for (i = 0; i < push->n; i++) {
-        d = &push->deltas[i];
+    for (i = 0; i < n; i = j) {
+        e = &push->entries[i];
 
-        p = ngx_http_llmlimit_sync_arg(p, last, push, "%Vs{%016uxL%016uxL}:%L",
-                                       prefix, d->k[0], d->k[1], d->t);
-        p = ngx_http_llmlimit_sync_arg(p, last, push, "%Vs{%016uxL%016uxL}:%L",
-                                       prefix, d->k[0], d->k[1],
-                                       d->t - (int64_t) d->period);
-        p = ngx_http_llmlimit_sync_arg(p, last, push, "%uD", d->period);
-        p = ngx_http_llmlimit_sync_arg(p, last, push, "%D", d->cur);
-        p = ngx_http_llmlimit_sync_arg(p, last, push, "%D", d->prev);
+        for (j = i + 1;
+             j < n && ngx_http_llmlimit_sync_cmp(e, &push->entries[j]) == 0;
+             j++)
+        { /* void */ }
+
+        /* the window's key lives until the window stops mattering */
+
+        ttl = e->w + 2 * (int64_t) e->period - now + 1000;
+
+        p = ngx_http_llmlimit_sync_arg(p, last, push, "%Vs:%uD:%L", prefix,
+                                       e->period, e->w);
+        p = ngx_http_llmlimit_sync_arg(p, last, push, "%L",
+                                       ngx_max(ttl, 1000));
+        p = ngx_http_llmlimit_sync_arg(p, last, push, "%ui", j - i);
+
+        for ( /* void */ ; e < &push->entries[j]; e++) {
+            d = &push->deltas[e->index / 2];
+
+            p = ngx_http_llmlimit_sync_arg(p, last, push, "%016uxL%016uxL",
+                                           d->k[0], d->k[1]);
+            p = ngx_http_llmlimit_sync_arg(p, last, push, "%D", e->delta);
+        }
     }
 
     return NGX_OK;
+}
+
+
+static int ngx_libc_cdecl
+ngx_http_llmlimit_sync_cmp(const void *one, const void *two)
+{
+    const ngx_http_llmlimit_sync_entry_t  *a = one, *b = two;
+
+    if (a->period != b->period) {
+        return a->period < b->period ? -1 : 1;
+    }
+
+    if (a->w != b->w) {
+        return a->w < b->w ? -1 : 1;
+    }
+
+    return 0;
 }
 
 
@@ -606,14 +705,19 @@ ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply)
         return;
     }
 
-    ok = (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 * push->n);
+    ok = (rep->type == REDIS_REPLY_ARRAY
+          && rep->elements == push->nentries);
 
     for (i = 0; ok && i < rep->elements; i++) {
-        if (rep->element[i]->type != REDIS_REPLY_INTEGER
-            || rep->element[i]->integer < -1)
-        {
+        if (rep->element[i]->type != REDIS_REPLY_INTEGER) {
             ok = 0;
+            break;
         }
+
+        /* a total below 0 (take-backs of expired counts) counts as 0 */
+
+        push->totals[push->entries[i].index] =
+                                    ngx_max(rep->element[i]->integer, 0);
     }
 
     if (!ok) {
@@ -652,8 +756,8 @@ ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply)
 
     for (i = 0; i < push->n; i++) {
         ngx_http_llmlimit_sync_update(sync, &push->deltas[i],
-                                      rep->element[2 * i]->integer,
-                                      rep->element[2 * i + 1]->integer);
+                                      push->totals[2 * i],
+                                      push->totals[2 * i + 1]);
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
@@ -705,9 +809,11 @@ ngx_http_llmlimit_sync_update(ngx_http_llmlimit_sync_t *sync,
             st->cur = (uint32_t) ngx_min(cur, NGX_MAX_UINT32_VALUE);
         }
 
-        prev += up;
+        if (prev >= 0) {
+            prev += up;
+        }
 
-        if (d->sliding && prev >= 0 && prev > (int64_t) st->prev) {
+        if (d->sliding && prev > (int64_t) st->prev) {
             st->prev = (uint32_t) ngx_min(prev, NGX_MAX_UINT32_VALUE);
         }
 
