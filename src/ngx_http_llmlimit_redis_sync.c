@@ -17,10 +17,12 @@
  * of TIME, and the first whose timer fires at least 3/4 TIME after the
  * last push takes the table (and empties it) and sends one EVAL that adds
  * the deltas to Redis and returns the cluster's totals, written back into
- * the local states (never lowering them).  A window's count is the key
- * PREFIX "s{" counter "}:" window-start, expiring after the window stops
- * mattering.  The windows are the local clock's aligned windows,
- * floor(now / P) * P, the same on every host whose clock is synchronised.
+ * the local states (never lowering them).  The counts of a window are a
+ * hash, the key PREFIX "s:" period ":" window-start, with a field per
+ * counter (its key in hex), expiring when the window stops mattering: one
+ * HINCRBY per counter and one PEXPIRE per window and push.  The windows
+ * are the local clock's aligned windows, floor(now / P) * P, the same on
+ * every host whose clock is synchronised.
  *
  * Pushes are idempotent.  Each carries this host's id (drawn when the zone
  * is created, kept over reloads) and a sequence number; the script applies
@@ -429,6 +431,7 @@ ngx_http_llmlimit_sync_timer(ngx_event_t *ev)
     ngx_shmtx_lock(&zone->shpool->mutex);
 
     if ((sh->pusher && now - sh->last < NGX_HTTP_LLMLIMIT_SYNC_STALE)
+        || now - sh->last < (int64_t) (sync->interval / 4 * 3)
         || sh->n == 0 || sh->n > n)
     {
         /* another worker was first, or the table grew beyond the room */
@@ -509,8 +512,9 @@ ngx_http_llmlimit_sync_args(ngx_http_llmlimit_sync_t *sync,
     ngx_http_llmlimit_delta_t       *d;
     ngx_http_llmlimit_sync_entry_t  *e;
 
-    push->entries = ngx_palloc(push->pool, 2 * push->n
-                                       * sizeof(ngx_http_llmlimit_sync_entry_t));
+    size = 2 * push->n * sizeof(ngx_http_llmlimit_sync_entry_t);
+
+    push->entries = ngx_palloc(push->pool, size);
     push->totals = ngx_palloc(push->pool, 2 * push->n * sizeof(int64_t));
 
     if (push->entries == NULL || push->totals == NULL) {
