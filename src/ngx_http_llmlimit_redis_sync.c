@@ -170,6 +170,8 @@ static void ngx_http_llmlimit_sync_send(ngx_http_llmlimit_sync_t *sync,
     ngx_http_llmlimit_sync_push_t *push);
 static void ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd,
     void *reply);
+static ngx_int_t ngx_http_llmlimit_sync_totals(
+    ngx_http_llmlimit_sync_push_t *push, u_char *p, size_t len);
 static void ngx_http_llmlimit_sync_update(ngx_http_llmlimit_sync_t *sync,
     ngx_http_llmlimit_delta_t *d, int64_t cur, int64_t prev);
 static void ngx_http_llmlimit_sync_done(ngx_http_llmlimit_sync_t *sync,
@@ -196,7 +198,9 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_sync_store = {
  * host's last push number, this push's number, then groups: a window's
  * key (a hash: a field per counter), its time to live, the number m of
  * counters, then m pairs of counter and delta.  The deltas are added only
- * if the push is new.  Returns each counter's total in its window.
+ * if the push is new.  Returns each counter's total in its window, in
+ * one string, separated by spaces: one reply object for the worker to
+ * read, not one per counter.
  */
 
 static char  ngx_http_llmlimit_sync_lua[] =
@@ -225,7 +229,7 @@ static char  ngx_http_llmlimit_sync_lua[] =
     "  end\n"
     "  i = i + 2 * m\n"
     "end\n"
-    "return r\n";
+    "return table.concat(r, ' ')\n";
 
 
 /* the request path: the shared-memory store's, deltas kept by count() */
@@ -709,20 +713,10 @@ ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply)
         return;
     }
 
-    ok = (rep->type == REDIS_REPLY_ARRAY
-          && rep->elements == push->nentries);
-
-    for (i = 0; ok && i < rep->elements; i++) {
-        if (rep->element[i]->type != REDIS_REPLY_INTEGER) {
-            ok = 0;
-            break;
-        }
-
-        /* a total below 0 (take-backs of expired counts) counts as 0 */
-
-        push->totals[push->entries[i].index] =
-                                    ngx_max(rep->element[i]->integer, 0);
-    }
+    ok = (rep->type == REDIS_REPLY_STRING
+          && ngx_http_llmlimit_sync_totals(push, (u_char *) rep->str,
+                                           rep->len)
+             == NGX_OK);
 
     if (!ok) {
         if (!sync->failed) {
@@ -767,6 +761,50 @@ ngx_http_llmlimit_sync_reply(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply)
     ngx_shmtx_unlock(&zone->shpool->mutex);
 
     ngx_http_llmlimit_sync_done(sync, push);
+}
+
+
+/* the totals, "N N ...", one per entry; below 0 (take-backs) counts as 0 */
+
+static ngx_int_t
+ngx_http_llmlimit_sync_totals(ngx_http_llmlimit_sync_push_t *push,
+    u_char *p, size_t len)
+{
+    u_char      *last;
+    int64_t      v;
+    ngx_uint_t   i, neg, digits;
+
+    last = p + len;
+
+    for (i = 0; i < push->nentries; i++) {
+
+        if (i > 0) {
+            if (p == last || *p++ != ' ') {
+                return NGX_ERROR;
+            }
+        }
+
+        neg = (p < last && *p == '-');
+        p += neg;
+
+        v = 0;
+
+        for (digits = 0; p < last && *p >= '0' && *p <= '9'; digits++) {
+            if (digits == 15) {
+                return NGX_ERROR;
+            }
+
+            v = v * 10 + (*p++ - '0');
+        }
+
+        if (digits == 0) {
+            return NGX_ERROR;
+        }
+
+        push->totals[push->entries[i].index] = neg ? 0 : v;
+    }
+
+    return (p == last) ? NGX_OK : NGX_ERROR;
 }
 
 
