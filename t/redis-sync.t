@@ -35,6 +35,7 @@ sub http {
         }
         llmlimit_rules h zone=y algorithm=sliding {
             "H"  GET  /h  \$http_x_api_key  100/1h;
+            "G"  GET  /g  \$http_x_api_key  50/1h;
         }
         llmlimit_zone x 1m redis=$addr redis_prefix=x: redis_sync=100ms;
         llmlimit_rules r zone=x algorithm=sliding {
@@ -47,6 +48,7 @@ my $SERVER = q{
     add_header X-Status $llmlimit_status always;
     location /f { llmlimit f; try_files /ok.txt =404; }
     location /h { llmlimit h; try_files /ok.txt =404; }
+    location /g { llmlimit h; try_files /ok.txt =404; }
     location /r { llmlimit r; try_files /ok.txt =404; }
 };
 
@@ -320,26 +322,31 @@ my $cb = $tb->conn;
 
 
 # ---------------------------------------------------------------------------
-# one host alone gets COUNT, then the other learns it within a push
+# one host alone gets COUNT (sliding, 1h: one more at most if the burst
+# spans the hour, by the rounding down of the previous window's share);
+# then the other, paced at 100/s, learns it with its first push: it admits
+# what it admits before that push returns, about TIME's worth
 
 {
     my $key = uid();
 
-    # at the start of a window
-    sleep 0.01 while int(time * 1000) % 2000 > 100;
-
     my $a = 0;
-    $a += passed($ca, 'GET /f', $key) for 1 .. 60;
-    is($a, 50, 'one host alone: COUNT admitted');
+    $a += passed($ca, 'GET /g', $key) for 1 .. 60;
+    ok($a == 50 || $a == 51, "one host alone: COUNT admitted ($a)");
 
-    sleep 0.3;
+    # A's push
+    my $p = $pa->pushes;
+    wait_for(10, sub { $pa->pushes > $p });
 
-    # B paced at 100/s: it admits at most what it admits in one sync
     my $b = 0;
-    for (1 .. 30) { $b += passed($cb, 'GET /f', $key); sleep 0.01; }
-    ok($b <= 30 * $SLOW, "the other host learns within a push: $b");
+    for (1 .. 30) { $b += passed($cb, 'GET /g', $key); sleep 0.01; }
+    my $most = ngx_min(20 * $SLOW, 29);
+    ok($b <= $most, "the other host learns within a push: $b <= $most");
     diag("other host after A took COUNT: admitted $b");
 }
+
+
+sub ngx_min { $_[0] < $_[1] ? $_[0] : $_[1] }
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +355,7 @@ my $cb = $tb->conn;
 
 {
     my $key = uid();
-    my %win;
+    my (%win, %tries);
 
     sleep 0.01 while int(time * 1000) % 2000 > 20;
     my $end = time + 6;
@@ -358,6 +365,7 @@ my $cb = $tb->conn;
         my $w = int($t0 * 1000 / 2000);
         $win{$w} += passed($ca, 'GET /f', $key);
         $win{$w} += passed($cb, 'GET /f', $key);
+        $tries{$w} += 2;
         my $rest = 0.01 - (time - $t0);
         sleep $rest if $rest > 0;
     }
@@ -368,8 +376,12 @@ my $cb = $tb->conn;
 
     for my $w (@w) {
         my $n = $win{$w};
-        diag("window $w: admitted $n across both hosts");
-        ok($n >= 50, "window: not starved ($n >= 50)");
+        diag("window $w: admitted $n of $tries{$w} across both hosts");
+
+        # (a machine too loaded to send 3 x COUNT in a window proves
+        # nothing about starvation)
+        ok($n >= 50 || $tries{$w} < 150,
+           "window: not starved ($n >= 50 of $tries{$w})");
         ok($n <= $bound, "window: within the bound ($n <= $bound)");
     }
 }
