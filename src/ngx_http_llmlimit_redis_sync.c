@@ -188,6 +188,7 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_sync_store = {
     ngx_http_llmlimit_sync_init_process,
     ngx_http_llmlimit_sync_check,
     ngx_http_llmlimit_sync_refund,
+    NULL,                               /* token budgets: not yet */
     ngx_http_llmlimit_sync_count,
     ngx_http_llmlimit_sync_exit_process
 };

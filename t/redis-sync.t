@@ -265,6 +265,17 @@ for my $case (['redis=127.0.0.1 redis_sync=abc', qr/invalid value/],
     like($r->{out}, qr/\[emerg\].*algorithm=gcra .* not supported by the redis_sync store/,
          'gcra: message') or diag($r->{out});
 
+    $r = nginx_t(http => q{
+        llmlimit_zone z 1m redis=127.0.0.1 redis_sync=100ms;
+        llmlimit_rules r zone=z plan=$http_x_plan {
+            "A" GET /a $http_x_api_key  pro=5/1m,1000tokens/1m  5/1m;
+        }
+    });
+    isnt($r->{rc}, 0, 'nginx -t rejects token budgets with redis_sync');
+    like($r->{out}, qr/\[emerg\] \d+#\d+: token budgets of llmlimit_rules "r" in \S+:\d+ are not supported by the redis_sync store of llmlimit_zone "z"/,
+         'token budgets: message names the table, file and line')
+        or diag($r->{out});
+
     for my $p ('redis_sync=off', 'redis_sync=250ms') {
         $r = nginx_t(http => qq{
             llmlimit_zone z 1m redis=127.0.0.1 $p;
