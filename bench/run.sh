@@ -156,10 +156,11 @@ langsmith_table() {
 # workspace, project and user (llmlimit-shm-usage's groups), in
 # keys-full.json.
 keys_file() {
-    local f=$RUN/keys${1:+-$1}.json
+    local kind=${1:-} f
 
+    f=$RUN/keys${kind:+-$kind}.json
     [ -s "$f" ] && return 0
-    perl "$BENCH/keys-gen.pl" "$KEYS" $1 "$KEY_FORMAT" > "$f.tmp"
+    perl "$BENCH/keys-gen.pl" "$KEYS" $kind "$KEY_FORMAT" > "$f.tmp"
     chmod 644 "$f.tmp"
     mv "$f.tmp" "$f"
 }

@@ -491,7 +491,7 @@ ngx_http_llmlimit_usage_bucket(ngx_http_llmlimit_usage_zone_t *uz,
 {
     ngx_uint_t                         i;
     ngx_queue_t                       *q;
-    ngx_http_llmlimit_usage_bucket_t  *b;
+    ngx_http_llmlimit_usage_bucket_t  *b, *ob;
 
     /* what retention= no longer keeps goes first */
 
@@ -523,7 +523,23 @@ ngx_http_llmlimit_usage_bucket(ngx_http_llmlimit_usage_zone_t *uz,
     b->group = g;
     b->start = (uint32_t) start;
 
-    ngx_queue_insert_tail(&uz->sh->buckets, &b->queue);
+    /*
+     * in the order of start: at the end but for a worker whose time lags
+     * at a boundary, or deltas given back
+     */
+
+    for (q = ngx_queue_last(&uz->sh->buckets);
+         q != ngx_queue_sentinel(&uz->sh->buckets);
+         q = ngx_queue_prev(q))
+    {
+        ob = ngx_queue_data(q, ngx_http_llmlimit_usage_bucket_t, queue);
+
+        if (ob->start <= b->start) {
+            break;
+        }
+    }
+
+    ngx_queue_insert_after(q, &b->queue);
     uz->sh->nbuckets++;
     g->nbuckets++;
 
