@@ -43,7 +43,7 @@
 #define NGX_HTTP_LLMLIMIT_USAGE_PERIOD   1000
 #define NGX_HTTP_LLMLIMIT_USAGE_BATCH    1024
 #define NGX_HTTP_LLMLIMIT_USAGE_STALL    10000
-#define NGX_HTTP_LLMLIMIT_USAGE_TIMEOUT  10000
+#define NGX_HTTP_LLMLIMIT_USAGE_TIMEOUT  30000
 
 
 struct ngx_http_llmlimit_usage_flush_s {
@@ -453,6 +453,11 @@ ngx_http_llmlimit_usage_redis_query(ngx_http_request_t *r,
     from = ngx_max(from, kept);
     from -= from % 3600;
     to = (time_t) ((q->end + 999) / 1000);
+
+    /* nothing is recorded ahead of now: a far end_time reads no more */
+
+    to = ngx_min(to, ngx_time() + 86400);
+    from = ngx_min(from, to);
 
     /* the hashes, at most: a day of hours for each day, and the groups */
 
