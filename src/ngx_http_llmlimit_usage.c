@@ -297,7 +297,8 @@ ngx_http_llmlimit_usage_add_tokens(ngx_http_request_t *r, uint64_t tokens)
 
 static ngx_int_t
 ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
-    ngx_http_llmlimit_usage_loc_conf_t *ulcf, ngx_http_llmlimit_usage_key_t *key)
+    ngx_http_llmlimit_usage_loc_conf_t *ulcf,
+    ngx_http_llmlimit_usage_key_t *key)
 {
     uint64_t                          seed[2];
     ngx_str_t                        *s;

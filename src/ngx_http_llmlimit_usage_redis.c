@@ -133,7 +133,8 @@ static const char  ngx_http_llmlimit_usage_lua[] =
     "if n > 0 then redis.call('EXPIRE', gk, ttl) end\n"
     "local f = {':r', ':j', ':t'}\n"
     "while i + 5 <= #ARGV do\n"
-    "  local keys = {p .. 'usage:h:' .. ARGV[i], p .. 'usage:d:' .. ARGV[i + 1]}\n"
+    "  local keys = {p .. 'usage:h:' .. ARGV[i],\n"
+    "                p .. 'usage:d:' .. ARGV[i + 1]}\n"
     "  for _, key in ipairs(keys) do\n"
     "    for c = 1, 3 do\n"
     "      if ARGV[i + 2 + c] ~= '0' then\n"
@@ -530,12 +531,12 @@ static ngx_int_t
 ngx_http_llmlimit_usage_get(ngx_http_llmlimit_usage_read_t *rd,
     ngx_http_llmlimit_usage_flush_t *f, const char *what, time_t t)
 {
-    u_char                        *p;
-    u_char                         key[256];
-    size_t                         argvlen[2];
-    ngx_str_t                     *prefix;
-    ngx_int_t                      rc;
-    const char                    *argv[2];
+    u_char                           *p;
+    u_char                            key[256];
+    size_t                            argvlen[2];
+    ngx_str_t                        *prefix;
+    ngx_int_t                         rc;
+    const char                       *argv[2];
     ngx_http_llmlimit_redis_reply_pt  fn;
 
     prefix = ngx_http_llmlimit_redis_prefix(f->redis);
