@@ -17,14 +17,16 @@
  * Connection states:
  *
  *   DOWN        no context; the worker timer reconnects with backoff;
+ *   FINDING     no context yet: asking where to connect (a host name
+ *               resolved, Sentinel asked; src/ngx_http_llmlimit_redis_addr.c);
  *   CONNECTING  connect(2) in progress, AUTH, SELECT and SCRIPT LOAD
  *               already queued behind it;
  *   READY       the SCRIPT LOAD reply arrived: requests are sent.
  *
  * While CONNECTING the timer bounds the handshake.  Requests are queued
- * while CONNECTING only if Redis was not known to be lost (the first
- * connection of a worker), otherwise they fail at once and the zone's
- * failure policy decides.
+ * while FINDING or CONNECTING only if Redis was not known to be lost (the
+ * first connection of a worker), otherwise they fail at once and the
+ * zone's failure policy decides.
  *
  * A slow reply costs the request that waited for it, not the connection:
  * when redis_timeout expires the request goes on by its failure policy
@@ -48,12 +50,11 @@
 
 
 #include "ngx_http_llmlimit.h"
+#include "ngx_http_llmlimit_redis_addr.h"
 #include <ngx_sha1.h>
 
 #include <sys/ioctl.h>
 
-#include <hiredis/hiredis.h>
-#include <hiredis/async.h>
 #include <hiredis/sds.h>
 
 #include "ngx_http_llmlimit_redis_lua.h"
@@ -62,10 +63,12 @@
 #define NGX_HTTP_LLMLIMIT_REDIS_DOWN        0
 #define NGX_HTTP_LLMLIMIT_REDIS_CONNECTING  1
 #define NGX_HTTP_LLMLIMIT_REDIS_READY       2
+#define NGX_HTTP_LLMLIMIT_REDIS_FINDING     3
 
 #define NGX_HTTP_LLMLIMIT_REDIS_AUTH        1
 #define NGX_HTTP_LLMLIMIT_REDIS_SELECT      2
 #define NGX_HTTP_LLMLIMIT_REDIS_LOAD        3
+#define NGX_HTTP_LLMLIMIT_REDIS_ROLE        4
 
 /* reconnect backoff, ms */
 #define NGX_HTTP_LLMLIMIT_REDIS_BACKOFF     100
@@ -95,11 +98,14 @@
 #endif
 
 /*
- * EVALSHA sha numkeys key... m n... f (algorithm period count time)...
- * (algorithm period count)...
+ * EVALSHA sha numkeys key... m n... f (kind period count time amount)...
+ * (kind period count cost)...
  */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
-    (5 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 5 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+    (5 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 6 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+
+/* the script's kind of a counter: the algorithm, + 4 for a token budget */
+#define NGX_HTTP_LLMLIMIT_REDIS_TOKENS      4
 
 /* Redis' time in a reply, ms, below this */
 #define NGX_HTTP_LLMLIMIT_REDIS_TIME_MAX    (1LL << 50)
@@ -116,10 +122,8 @@ typedef struct ngx_http_llmlimit_redis_call_s  ngx_http_llmlimit_redis_call_t;
 struct ngx_http_llmlimit_redis_s {
     /* configuration */
     ngx_http_llmlimit_zone_t       *zone;
-    ngx_str_t                       addr;          /* as configured */
-    char                           *host;          /* numeric address */
-    char                           *path;          /* unix socket */
-    int                             port;
+    ngx_str_t                       addr;          /* for the logs */
+    ngx_http_llmlimit_redis_addr_t *where;         /* of the server */
     ngx_int_t                       db;            /* -1: none */
     ngx_str_t                       password;
     ngx_str_t                       prefix;
@@ -152,8 +156,11 @@ struct ngx_http_llmlimit_redis_s {
 
     u_char                          reason[128];
 
+    ngx_http_llmlimit_redis_peer_t  peer;          /* last found */
+
     unsigned                        healthy:1;
     unsigned                        exiting:1;
+    unsigned                        found:1;       /* peer is set */
 };
 
 
@@ -164,6 +171,8 @@ typedef struct {
     ngx_msec_t                      period;
     ngx_uint_t                      count;
     ngx_uint_t                      algorithm;
+    ngx_uint_t                      cost;
+    ngx_uint_t                      tokens;
 } ngx_http_llmlimit_redis_counter_t;
 
 
@@ -189,11 +198,16 @@ struct ngx_http_llmlimit_redis_wait_s {
 };
 
 
-/* a counter to take back, counted at Redis' time "time" */
+/*
+ * A change to a counter: "amount" < 0 takes back what was counted at
+ * Redis' time "time" (a refund, or a token charge below the estimate),
+ * "amount" > 0 charges tokens at the script's time.
+ */
 
 typedef struct {
     ngx_http_llmlimit_redis_counter_t  counter;
     int64_t                            time;
+    int64_t                            amount;
 } ngx_http_llmlimit_redis_refund_t;
 
 
@@ -219,6 +233,10 @@ static ngx_int_t ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+static void ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens);
+static void ngx_http_llmlimit_redis_copy(ngx_http_llmlimit_redis_counter_t *wc,
+    ngx_http_llmlimit_counter_t *c);
 static ngx_http_llmlimit_redis_refund_t *ngx_http_llmlimit_redis_refunds(
     ngx_http_llmlimit_redis_t *redis, ngx_uint_t n);
 static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
@@ -290,6 +308,7 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
     ngx_http_llmlimit_redis_init_process,
     ngx_http_llmlimit_redis_check,
     ngx_http_llmlimit_redis_refund,
+    ngx_http_llmlimit_redis_charge,
     ngx_http_llmlimit_redis_exit_process
 };
 
@@ -309,10 +328,8 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_queue_t                        *q;
     ngx_pool_cleanup_t                 *cln;
     ngx_http_llmlimit_redis_t          *redis;
-    ngx_http_llmlimit_counter_t        *c;
     ngx_http_llmlimit_redis_call_t     *call;
     ngx_http_llmlimit_redis_wait_t     *w;
-    ngx_http_llmlimit_redis_counter_t  *wc;
 
     redis = b->zone->redis;
 
@@ -320,7 +337,9 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    if (redis == NULL || redis->ac == NULL
+    if (redis == NULL
+        || (redis->ac == NULL
+            && redis->state != NGX_HTTP_LLMLIMIT_REDIS_FINDING)
         || b->n > NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
     {
         return NGX_ERROR;
@@ -331,6 +350,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     case NGX_HTTP_LLMLIMIT_REDIS_READY:
         break;
 
+    case NGX_HTTP_LLMLIMIT_REDIS_FINDING:
     case NGX_HTTP_LLMLIMIT_REDIS_CONNECTING:
 
         /* behind the handshake, unless Redis is known to be lost */
@@ -386,13 +406,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     w->refund = 0;
 
     for (i = 0; i < b->n; i++) {
-        c = &b->counters[i];
-        wc = &w->counters[i];
-
-        ngx_memcpy(wc->hash, c->hash, 16);
-        wc->period = c->period;
-        wc->count = c->count;
-        wc->algorithm = c->algorithm;
+        ngx_http_llmlimit_redis_copy(&w->counters[i], &b->counters[i]);
     }
 
     call->waits[call->nwaits++] = w;
@@ -465,12 +479,84 @@ ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
 
-        ngx_memcpy(rf[i].counter.hash, c->hash, 16);
-        rf[i].counter.period = c->period;
-        rf[i].counter.count = c->count;
-        rf[i].counter.algorithm = c->algorithm;
+        ngx_http_llmlimit_redis_copy(&rf[i].counter, c);
         rf[i].time = b->time;
+        rf[i].amount = -(int64_t) rf[i].counter.cost;
     }
+}
+
+
+/*
+ * The token budgets of a request let through are charged what it used:
+ * the shadow (or the local fallback) at once, Redis by entries in the
+ * open call, as refunds are; nothing else is sent for it.
+ */
+
+static void
+ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens)
+{
+    int64_t                             amount;
+    ngx_uint_t                          i, n;
+    ngx_http_llmlimit_counter_t        *c;
+    ngx_http_llmlimit_redis_refund_t   *rf;
+
+    if (b->local) {
+        ngx_http_llmlimit_shm_tokens(r, b, tokens);
+    }
+
+    if (!b->remote) {
+        return;
+    }
+
+    n = 0;
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+        n += (c->tokens && c->cost != tokens);
+    }
+
+    if (n == 0) {
+        return;
+    }
+
+    rf = ngx_http_llmlimit_redis_refunds(b->zone->redis, n);
+
+    if (rf == NULL) {
+        /* Redis is lost (logged once): the charge too, as refunds are */
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "llmlimit redis: cannot charge %ui tokens", tokens);
+        return;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+        amount = (int64_t) tokens - (int64_t) c->cost;
+
+        if (!c->tokens || amount == 0) {
+            continue;
+        }
+
+        ngx_http_llmlimit_redis_copy(&rf->counter, c);
+        rf->time = b->time;
+        rf->amount = amount;
+        rf++;
+    }
+}
+
+
+/* what a call sends for a counter */
+
+static void
+ngx_http_llmlimit_redis_copy(ngx_http_llmlimit_redis_counter_t *wc,
+    ngx_http_llmlimit_counter_t *c)
+{
+    ngx_memcpy(wc->hash, c->hash, 16);
+    wc->period = c->period;
+    wc->count = c->count;
+    wc->algorithm = c->algorithm;
+    wc->cost = c->tokens ? c->cost : 1;
+    wc->tokens = c->tokens;
 }
 
 
@@ -584,6 +670,12 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
                        "%ui refunds", call->nwaits, call->nkeys,
                        call->nrefunds);
 
+        if (redis->state == NGX_HTTP_LLMLIMIT_REDIS_FINDING) {
+            /* sent once there is a connection, failed if there is none */
+            ngx_queue_insert_head(&redis->calls, q);
+            return;
+        }
+
         if (redis->ac == NULL
             || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN)
         {
@@ -604,12 +696,12 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
 
 
 /*
- * EVALSHA sha numkeys key... m n... f (algorithm period count time)...
- * (algorithm period count)... or, after NOSCRIPT, the same with EVAL and
- * the script: f refund entries, then m requests of n counters each (keys
- * in the same order).  Keys are PREFIX{hex of the counter's hash}:PERIOD:
- * one budget's counters share a hash slot, and no identity appears in
- * clear.
+ * EVALSHA sha numkeys key... m n... f (kind period count time amount)...
+ * (kind period count cost)... or, after NOSCRIPT, the same with EVAL and
+ * the script: f refund or charge entries, then m requests of n counters
+ * each (keys in the same order).  Keys are PREFIX{hex of the counter's
+ * hash}:PERIOD, and "t" after it for a token budget: one budget's counters
+ * share a hash slot, and no identity appears in clear.
  */
 
 static ngx_int_t
@@ -679,7 +771,9 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
         argvlen[k++] = p - start;
 
         start = p;
-        p = ngx_sprintf(p, "%ui", c->algorithm);
+        p = ngx_sprintf(p, "%ui", c->algorithm
+                                  + (c->tokens ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
+                                               : 0));
         argv[a] = (const char *) start;
         argvlen[a++] = p - start;
 
@@ -697,6 +791,11 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
         p = ngx_sprintf(p, "%L", rf->time);
         argv[a] = (const char *) start;
         argvlen[a++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%L", rf->amount);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
     }
 
     for (j = 0; j < call->nwaits; j++) {
@@ -711,7 +810,10 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
             argvlen[k++] = p - start;
 
             start = p;
-            p = ngx_sprintf(p, "%ui", c->algorithm);
+            p = ngx_sprintf(p, "%ui",
+                            c->algorithm
+                            + (c->tokens ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
+                                         : 0));
             argv[a] = (const char *) start;
             argvlen[a++] = p - start;
 
@@ -722,6 +824,11 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
 
             start = p;
             p = ngx_sprintf(p, "%ui", c->count);
+            argv[a] = (const char *) start;
+            argvlen[a++] = p - start;
+
+            start = p;
+            p = ngx_sprintf(p, "%ui", c->cost);
             argv[a] = (const char *) start;
             argvlen[a++] = p - start;
         }
@@ -745,8 +852,13 @@ ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis, u_char *p,
     p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
     *p++ = '{';
     p = ngx_hex_dump(p, c->hash, 16);
+    p = ngx_sprintf(p, "}:%M", c->period);
 
-    return ngx_sprintf(p, "}:%M", c->period);
+    if (c->tokens) {
+        *p++ = 't';
+    }
+
+    return p;
 }
 
 
@@ -962,6 +1074,7 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
                 for (j = 0; j < w->n; j++) {
                     rf[j].counter = w->counters[j];
                     rf[j].time = call->now;
+                    rf[j].amount = -(int64_t) w->counters[j].cost;
                 }
             }
         }
@@ -1155,22 +1268,70 @@ ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w)
 
 /* the connection */
 
+/*
+ * Where to connect is asked first (src/ngx_http_llmlimit_redis_addr.c):
+ * the address of redis=, its host name resolved again, or the master that
+ * Sentinel names; ngx_http_llmlimit_redis_found() is told, now or later.
+ */
+
 static void
 ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
 {
-    const char         *argv[3];
-    size_t              argvlen[3];
-    ngx_connection_t   *c;
-    redisAsyncContext  *ac;
-
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, redis->log, 0,
                    "llmlimit redis connect %V", &redis->addr);
 
-    if (redis->path) {
-        ac = redisAsyncConnectUnix(redis->path);
+    redis->state = NGX_HTTP_LLMLIMIT_REDIS_FINDING;
+
+    if (redis != redis->zone->redis) {
+
+        /* a connection of its own goes where the zone's last went */
+
+        if (redis->zone->redis->found) {
+            ngx_http_llmlimit_redis_found(redis, &redis->zone->redis->peer,
+                                          NULL);
+
+        } else {
+            ngx_http_llmlimit_redis_gone(redis, "no address yet");
+        }
+
+        return;
+    }
+
+    ngx_http_llmlimit_redis_addr_find(redis->where);
+}
+
+
+void
+ngx_http_llmlimit_redis_found(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_peer_t *peer, const char *error)
+{
+    const char         *argv[3];
+    size_t              argvlen[3];
+    redisAsyncContext  *ac;
+
+    if (redis->ac || ngx_http_llmlimit_redis_quitting(redis)) {
+        return;
+    }
+
+    if (peer == NULL) {
+        ngx_http_llmlimit_redis_gone(redis, error);
+        return;
+    }
+
+    if (redis == redis->zone->redis) {
+        redis->peer = *peer;
+        redis->found = 1;
+    }
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis %V: connect to %s:%d", &redis->addr,
+                   peer->path ? peer->path : peer->host, peer->port);
+
+    if (peer->path) {
+        ac = redisAsyncConnectUnix(peer->path);
 
     } else {
-        ac = redisAsyncConnect(redis->host, redis->port);
+        ac = redisAsyncConnect(peer->host, peer->port);
     }
 
     if (ac == NULL) {
@@ -1184,33 +1345,18 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
         return;
     }
 
-    c = ngx_get_connection(ac->c.fd, redis->log);
-    if (c == NULL) {
+    if (ngx_http_llmlimit_redis_hook(ac, redis->log,
+                                     ngx_http_llmlimit_redis_read_handler,
+                                     ngx_http_llmlimit_redis_write_handler,
+                                     ngx_http_llmlimit_redis_free_connection)
+        == NULL)
+    {
         ngx_http_llmlimit_redis_gone(redis, "no free connection");
         redisAsyncFree(ac);
         return;
     }
 
-    c->data = ac;
-    c->read->handler = ngx_http_llmlimit_redis_read_handler;
-    c->write->handler = ngx_http_llmlimit_redis_write_handler;
-    c->read->log = c->log;
-    c->write->log = c->log;
-
-    if (ngx_event_flags & NGX_USE_CLEAR_EVENT) {
-        /* armed once: the write edge tells that connect(2) is done */
-        ngx_http_llmlimit_redis_add_event(c->read, NGX_READ_EVENT);
-        ngx_http_llmlimit_redis_add_event(c->write, NGX_WRITE_EVENT);
-    }
-
     ac->data = redis;
-    ac->ev.data = c;
-    ac->ev.addRead = ngx_http_llmlimit_redis_add_read;
-    ac->ev.delRead = ngx_http_llmlimit_redis_del_read;
-    ac->ev.addWrite = ngx_http_llmlimit_redis_add_write;
-    ac->ev.delWrite = ngx_http_llmlimit_redis_del_write;
-    ac->ev.cleanup = ngx_http_llmlimit_redis_free_connection;
-
     redis->ac = ac;
     redis->state = NGX_HTTP_LLMLIMIT_REDIS_CONNECTING;
 
@@ -1228,6 +1374,20 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
         if (redisAsyncCommandArgv(ac, ngx_http_llmlimit_redis_handshake,
                                   (void *) NGX_HTTP_LLMLIMIT_REDIS_AUTH,
                                   2, argv, argvlen)
+            != REDIS_OK)
+        {
+            goto failed;
+        }
+    }
+
+    if (peer->master) {
+        /* the address Sentinel named must still be a master */
+        argv[0] = "ROLE";
+        argvlen[0] = 4;
+
+        if (redisAsyncCommandArgv(ac, ngx_http_llmlimit_redis_handshake,
+                                  (void *) NGX_HTTP_LLMLIMIT_REDIS_ROLE,
+                                  1, argv, argvlen)
             != REDIS_OK)
         {
             goto failed;
@@ -1266,6 +1426,13 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
 
     ngx_add_timer(&redis->event, ngx_max(10 * redis->timeout,
                                          NGX_HTTP_LLMLIMIT_REDIS_CONNECT));
+
+    /* the requests that came while FINDING */
+
+    if (!ngx_queue_empty(&redis->calls) && !redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
+
     return;
 
 failed:
@@ -1339,6 +1506,18 @@ ngx_http_llmlimit_redis_handshake(redisAsyncContext *ac, void *reply,
                                       rp);
         break;
 
+    case NGX_HTTP_LLMLIMIT_REDIS_ROLE:
+        if (rp->type == REDIS_REPLY_ARRAY && rp->elements > 0
+            && rp->element[0]->type == REDIS_REPLY_STRING
+            && rp->element[0]->len == 6
+            && ngx_strncmp(rp->element[0]->str, "master", 6) == 0)
+        {
+            return;
+        }
+
+        ngx_http_llmlimit_redis_fail(redis, "not a master (ROLE)");
+        break;
+
     default: /* NGX_HTTP_LLMLIMIT_REDIS_LOAD */
         if (rp->type == REDIS_REPLY_STRING && rp->len == redis->sha.len
             && ngx_strncasecmp((u_char *) rp->str, redis->sha.data,
@@ -1406,6 +1585,12 @@ ngx_http_llmlimit_redis_gone(ngx_http_llmlimit_redis_t *redis,
 
     ngx_http_llmlimit_redis_fail(redis, reason);
     ngx_http_llmlimit_redis_schedule(redis);
+
+    /* the requests that came while FINDING fail */
+
+    if (!ngx_queue_empty(&redis->calls) && !redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
 }
 
 
@@ -1445,6 +1630,31 @@ ngx_http_llmlimit_redis_timer(ngx_event_t *ev)
     }
 
     ngx_http_llmlimit_redis_connect(redis);
+}
+
+
+/* Sentinel announced a new master: the connection goes there at once */
+
+void
+ngx_http_llmlimit_redis_moved(ngx_http_llmlimit_redis_t *redis,
+    const char *reason)
+{
+    if (ngx_http_llmlimit_redis_quitting(redis)) {
+        return;
+    }
+
+    if (redis->ac) {
+        redis->backoff = 0;
+        ngx_http_llmlimit_redis_drop(redis, reason);
+        return;
+    }
+
+    if (redis->event.timer_set) {
+        /* waiting to reconnect */
+        ngx_del_timer(&redis->event);
+        redis->backoff = 0;
+        ngx_http_llmlimit_redis_connect(redis);
+    }
 }
 
 
@@ -1505,6 +1715,13 @@ ngx_http_llmlimit_redis_error(ngx_http_llmlimit_redis_t *redis,
     *p = '\0';
 
     ngx_http_llmlimit_redis_fail(redis, (const char *) buf);
+
+    if (reply->type == REDIS_REPLY_ERROR && reply->len >= 8
+        && ngx_strncmp(reply->str, "READONLY", 8) == 0)
+    {
+        /* a replica now, after a failover: connect to the master again */
+        ngx_http_llmlimit_redis_drop(redis, NULL);
+    }
 }
 
 
@@ -1520,8 +1737,6 @@ ngx_http_llmlimit_redis_quitting(ngx_http_llmlimit_redis_t *redis)
 static void
 ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev)
 {
-    int                         n;
-    ngx_uint_t                  i;
     ngx_connection_t           *c;
     redisAsyncContext          *ac;
     ngx_http_llmlimit_redis_t  *redis;
@@ -1537,26 +1752,7 @@ ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev)
         return;
     }
 
-    /*
-     * hiredis reads at most 16K per call, and an edge-triggered event
-     * does not fire again for what is left: read until the socket is empty
-     */
-
-    for (i = 0; i < NGX_HTTP_LLMLIMIT_REDIS_READS; i++) {
-
-        redisAsyncHandleRead(ac);
-
-        if (redis->ac != ac) {
-            /* freed, c too */
-            return;
-        }
-
-        if (ioctl(c->fd, FIONREAD, &n) == -1 || n <= 0) {
-            return;
-        }
-    }
-
-    ngx_post_event(rev, &ngx_posted_events);
+    ngx_http_llmlimit_redis_read(rev, &redis->ac);
 }
 
 
@@ -1571,9 +1767,58 @@ ngx_http_llmlimit_redis_write_handler(ngx_event_t *wev)
     ac = c->data;
     redis = ac->data;
 
+    ngx_http_llmlimit_redis_write(wev, &redis->ac);
+}
+
+
+/*
+ * The reads and writes of a hooked context; "owner" is where its owner
+ * keeps it: a context no longer there was freed, and its connection too.
+ *
+ * hiredis reads at most 16K per call, and an edge-triggered event does not
+ * fire again for what is left: read until the socket is empty.
+ */
+
+void
+ngx_http_llmlimit_redis_read(ngx_event_t *rev, redisAsyncContext **owner)
+{
+    int                 n;
+    ngx_uint_t          i;
+    ngx_connection_t   *c;
+    redisAsyncContext  *ac;
+
+    c = rev->data;
+    ac = c->data;
+
+    for (i = 0; i < NGX_HTTP_LLMLIMIT_REDIS_READS; i++) {
+
+        redisAsyncHandleRead(ac);
+
+        if (*owner != ac) {
+            return;
+        }
+
+        if (ioctl(c->fd, FIONREAD, &n) == -1 || n <= 0) {
+            return;
+        }
+    }
+
+    ngx_post_event(rev, &ngx_posted_events);
+}
+
+
+void
+ngx_http_llmlimit_redis_write(ngx_event_t *wev, redisAsyncContext **owner)
+{
+    ngx_connection_t   *c;
+    redisAsyncContext  *ac;
+
+    c = wev->data;
+    ac = c->data;
+
     redisAsyncHandleWrite(ac);
 
-    if (redis->ac == ac && sdslen(ac->c.obuf) > 0) {
+    if (*owner == ac && sdslen(ac->c.obuf) > 0) {
         /* the socket buffer is full: wait for the next edge */
         wev->ready = 0;
     }
@@ -1684,6 +1929,48 @@ ngx_http_llmlimit_redis_del_event(ngx_event_t *ev, ngx_int_t event)
 
 
 /*
+ * A hiredis context in nginx's event loop: one ngx_connection_t on its
+ * socket, with the read and write handlers given and "cleanup" called
+ * when hiredis frees the context (which must then call unhook()).  Also
+ * for the connections to sentinels (src/ngx_http_llmlimit_redis_addr.c).
+ */
+
+ngx_connection_t *
+ngx_http_llmlimit_redis_hook(redisAsyncContext *ac, ngx_log_t *log,
+    ngx_event_handler_pt read, ngx_event_handler_pt write,
+    void (*cleanup)(void *data))
+{
+    ngx_connection_t  *c;
+
+    c = ngx_get_connection(ac->c.fd, log);
+    if (c == NULL) {
+        return NULL;
+    }
+
+    c->data = ac;
+    c->read->handler = read;
+    c->write->handler = write;
+    c->read->log = c->log;
+    c->write->log = c->log;
+
+    if (ngx_event_flags & NGX_USE_CLEAR_EVENT) {
+        /* armed once: the write edge tells that connect(2) is done */
+        ngx_http_llmlimit_redis_add_event(c->read, NGX_READ_EVENT);
+        ngx_http_llmlimit_redis_add_event(c->write, NGX_WRITE_EVENT);
+    }
+
+    ac->ev.data = c;
+    ac->ev.addRead = ngx_http_llmlimit_redis_add_read;
+    ac->ev.delRead = ngx_http_llmlimit_redis_del_read;
+    ac->ev.addWrite = ngx_http_llmlimit_redis_add_write;
+    ac->ev.delWrite = ngx_http_llmlimit_redis_del_write;
+    ac->ev.cleanup = cleanup;
+
+    return c;
+}
+
+
+/*
  * hiredis frees the context: the socket is hiredis', so only the events
  * and the connection structure are released here, never closed.
  */
@@ -1700,6 +1987,31 @@ ngx_http_llmlimit_redis_free_connection(void *data)
     ac = c->data;
     redis = ac->data;
 
+    ngx_http_llmlimit_redis_unhook(ac, c);
+
+    if (redis->ac != ac) {
+        return;
+    }
+
+    if (redis->reason[0]) {
+        reason = (const char *) redis->reason;
+
+    } else if (ac->err) {
+        reason = ac->errstr;
+
+    } else {
+        reason = "connection closed";
+    }
+
+    ngx_http_llmlimit_redis_gone(redis, reason);
+
+    redis->reason[0] = '\0';
+}
+
+
+void
+ngx_http_llmlimit_redis_unhook(redisAsyncContext *ac, ngx_connection_t *c)
+{
     ac->ev.data = NULL;
     ac->ev.addRead = NULL;
     ac->ev.delRead = NULL;
@@ -1734,24 +2046,6 @@ ngx_http_llmlimit_redis_free_connection(void *data)
     ngx_free_connection(c);
 
     c->fd = (ngx_socket_t) -1;
-
-    if (redis->ac != ac) {
-        return;
-    }
-
-    if (redis->reason[0]) {
-        reason = (const char *) redis->reason;
-
-    } else if (ac->err) {
-        reason = ac->errstr;
-
-    } else {
-        reason = "connection closed";
-    }
-
-    ngx_http_llmlimit_redis_gone(redis, reason);
-
-    redis->reason[0] = '\0';
 }
 
 
@@ -1764,9 +2058,8 @@ ngx_int_t
 ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
     ngx_str_t *value)
 {
-    u_char                     *p;
+    ngx_int_t                   rc;
     ngx_str_t                   s;
-    ngx_url_t                   u;
     ngx_http_llmlimit_redis_t  *redis;
 
     if (ngx_strncmp(value->data, "redis", 5) != 0) {
@@ -1788,70 +2081,10 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
         zone->redis = redis;
     }
 
-    if (ngx_strncmp(value->data, "redis=", 6) == 0) {
+    rc = ngx_http_llmlimit_redis_addr_option(cf, &redis->where, value);
 
-        if (redis->addr.data) {
-            goto duplicate;
-        }
-
-        s.data = value->data + 6;
-        s.len = value->len - 6;
-
-        if (s.len == 0) {
-            goto invalid;
-        }
-
-        redis->addr = s;
-
-        if (s.len > 5 && ngx_strncasecmp(s.data, (u_char *) "unix:", 5) == 0) {
-            if (s.len - 5 >= sizeof(((struct sockaddr_un *) 0)->sun_path)) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "unix socket path too long in \"%V\"",
-                                   value);
-                return NGX_ERROR;
-            }
-
-            redis->path = ngx_pnalloc(cf->pool, s.len - 5 + 1);
-            if (redis->path == NULL) {
-                return NGX_ERROR;
-            }
-
-            ngx_cpystrn((u_char *) redis->path, s.data + 5, s.len - 5 + 1);
-
-            return NGX_OK;
-        }
-
-        ngx_memzero(&u, sizeof(ngx_url_t));
-
-        u.url = s;
-        u.default_port = 6379;
-
-        if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
-            if (u.err) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "%s in \"%V\"", u.err, value);
-            }
-
-            return NGX_ERROR;
-        }
-
-        if (u.family == AF_UNIX || u.uri.len || u.naddrs == 0) {
-            goto invalid;
-        }
-
-        redis->host = ngx_pnalloc(cf->pool, NGX_SOCKADDR_STRLEN + 1);
-        if (redis->host == NULL) {
-            return NGX_ERROR;
-        }
-
-        p = (u_char *) redis->host;
-        p += ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen, p,
-                           NGX_SOCKADDR_STRLEN, 0);
-        *p = '\0';
-
-        redis->port = ngx_inet_get_port(u.addrs[0].sockaddr);
-
-        return NGX_OK;
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
 
     if (ngx_strncmp(value->data, "redis_db=", 9) == 0) {
@@ -1976,10 +2209,10 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
         return NGX_DECLINED;
     }
 
-    if (redis->addr.data == NULL) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "redis parameters of zone \"%V\" "
-                           "require \"redis=\"", &zone->name);
+    if (ngx_http_llmlimit_redis_addr_conf_done(cf, redis->where, &zone->name,
+                                               &redis->addr)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -2005,6 +2238,20 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
                      - redis->sha.data;
 
     return NGX_OK;
+}
+
+
+/* once the http block is read: its "resolver" */
+
+ngx_int_t
+ngx_http_llmlimit_redis_postconf(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    if (zone->redis == NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_http_llmlimit_redis_addr_postconf(cf, zone->redis->where);
 }
 
 
@@ -2086,12 +2333,12 @@ ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
                                 NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(size_t));
 
     /*
-     * a key and up to four numbers per counter or refund, a number per
+     * a key and up to five numbers per counter or refund, a number per
      * request, three
      */
 
     size = NGX_HTTP_LLMLIMIT_REDIS_KEYS
-           * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 5 * NGX_INT64_LEN)
+           * (redis->prefix.len + sizeof("{}:t") - 1 + 32 + 6 * NGX_INT64_LEN)
            + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 3) * NGX_INT64_LEN;
 
     redis->buf = ngx_pnalloc(redis->pool, size);
@@ -2127,6 +2374,11 @@ ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
     redis->backoff = 0;
     redis->healthy = 1;
     redis->exiting = 0;
+
+    if (redis == redis->zone->redis) {
+        ngx_http_llmlimit_redis_addr_init_process(redis->where, cycle->log,
+                                                  redis->timeout, redis);
+    }
 
     ngx_http_llmlimit_redis_connect(redis);
 
@@ -2233,6 +2485,10 @@ ngx_http_llmlimit_redis_close(ngx_http_llmlimit_redis_t *redis)
     }
 
     redis->exiting = 1;
+
+    if (redis == redis->zone->redis) {
+        ngx_http_llmlimit_redis_addr_exit_process(redis->where);
+    }
 
     if (redis->event.timer_set) {
         ngx_del_timer(&redis->event);

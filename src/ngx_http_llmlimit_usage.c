@@ -38,7 +38,7 @@ typedef struct {
 
 /* the group of a request: its values and their hash, on the stack */
 typedef struct {
-    ngx_str_t                        fields[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
+    ngx_str_t                        fields[NGX_HTTP_LLMLIMIT_USAGE_NFIELDS];
     uint64_t                         hash[2];
 } ngx_http_llmlimit_usage_key_t;
 
@@ -90,7 +90,7 @@ static char *ngx_http_llmlimit_usage_api(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_llmlimit_usage_field(ngx_conf_t *cf,
     ngx_http_llmlimit_usage_field_t *field, ngx_str_t *value);
-static ngx_int_t ngx_http_llmlimit_usage_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_llmlimit_usage_postconf(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_usage_init_process(ngx_cycle_t *cycle);
 static void ngx_http_llmlimit_usage_exit_process(ngx_cycle_t *cycle);
 
@@ -124,7 +124,7 @@ static ngx_command_t  ngx_http_llmlimit_usage_commands[] = {
 
 static ngx_http_module_t  ngx_http_llmlimit_usage_module_ctx = {
     NULL,                                  /* preconfiguration */
-    ngx_http_llmlimit_usage_init,          /* postconfiguration */
+    ngx_http_llmlimit_usage_postconf,          /* postconfiguration */
 
     ngx_http_llmlimit_usage_create_main_conf, /* create main configuration */
     NULL,                                  /* init main configuration */
@@ -327,7 +327,7 @@ ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
     seed[1] = 0;
     kf = NULL;
 
-    for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
+    for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; i++) {
         f = &ulcf->fields[i];
         s = &key->fields[i];
 
@@ -481,7 +481,7 @@ ngx_http_llmlimit_usage_group(ngx_http_llmlimit_usage_zone_t *uz,
 
     len = 0;
 
-    for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
+    for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; i++) {
         len += fields[i].len;
     }
 
@@ -499,7 +499,7 @@ ngx_http_llmlimit_usage_group(ngx_http_llmlimit_usage_zone_t *uz,
 
     p = g->data;
 
-    for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
+    for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; i++) {
         g->len[i] = (uint16_t) fields[i].len;
 
         if (i % 2 == 0) {
@@ -766,7 +766,7 @@ ngx_http_llmlimit_usage_take(ngx_http_llmlimit_usage_zone_t *uz,
 
         len = 0;
 
-        for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
+        for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; i++) {
             len += g->len[i];
         }
 
@@ -778,7 +778,7 @@ ngx_http_llmlimit_usage_take(ngx_http_llmlimit_usage_zone_t *uz,
 
         p = g->data;
 
-        for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
+        for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; i++) {
             dl->fields[i].data = d;
             dl->fields[i].len = g->len[i];
             d = ngx_cpymem(d, p, g->len[i]);
@@ -928,7 +928,7 @@ ngx_http_llmlimit_usage_collect(ngx_http_llmlimit_usage_zone_t *uz,
         id.len = g->len[f];
         id.data = p;
 
-        if (f + 1 < NGX_HTTP_LLMLIMIT_USAGE_FIELDS) {
+        if (f + 1 < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS) {
             name.len = g->len[f + 1];
             name.data = p + id.len;
 
@@ -1248,7 +1248,7 @@ ngx_http_llmlimit_usage(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     for (i = 2; i < cf->args->nelts; i++) {
         name = ngx_http_llmlimit_usage_names;
 
-        for (j = 0; j < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; j++) {
+        for (j = 0; j < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; j++) {
             if (value[i].len >= name[j].len
                 && ngx_strncmp(value[i].data, name[j].data, name[j].len) == 0)
             {
@@ -1256,7 +1256,7 @@ ngx_http_llmlimit_usage(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
         }
 
-        if (j == NGX_HTTP_LLMLIMIT_USAGE_FIELDS) {
+        if (j == NGX_HTTP_LLMLIMIT_USAGE_NFIELDS) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "invalid parameter \"%V\"", &value[i]);
             return NGX_CONF_ERROR;
@@ -1280,7 +1280,7 @@ ngx_http_llmlimit_usage(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
     }
 
-    for (j = 0; j < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; j++) {
+    for (j = 0; j < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; j++) {
         if (!(set & (1 << j))
             && ngx_http_llmlimit_usage_field(cf, &ulcf->fields[j],
                                           &ngx_http_llmlimit_usage_defaults[j])
@@ -1393,7 +1393,7 @@ ngx_http_llmlimit_usage_field(ngx_conf_t *cf,
 
 
 static ngx_int_t
-ngx_http_llmlimit_usage_init(ngx_conf_t *cf)
+ngx_http_llmlimit_usage_postconf(ngx_conf_t *cf)
 {
     ngx_uint_t                             i;
     ngx_http_handler_pt                   *h;

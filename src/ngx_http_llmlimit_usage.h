@@ -19,7 +19,7 @@
 #define NGX_HTTP_LLMLIMIT_USAGE_USER            4
 #define NGX_HTTP_LLMLIMIT_USAGE_USER_EMAIL      5
 #define NGX_HTTP_LLMLIMIT_USAGE_API_KEY         6
-#define NGX_HTTP_LLMLIMIT_USAGE_FIELDS          7
+#define NGX_HTTP_LLMLIMIT_USAGE_NFIELDS          7
 
 /* group_by: the id field is 2 * group_by, its name the next one */
 #define NGX_HTTP_LLMLIMIT_USAGE_BY_WORKSPACE    0
@@ -47,7 +47,7 @@ typedef struct {
     ngx_http_llmlimit_usage_bucket_t  *cur;        /* latest bucket */
     uint32_t                           nbuckets;
     uint32_t                           fhash[NGX_HTTP_LLMLIMIT_USAGE_GROUP_BYS];
-    uint16_t                           len[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
+    uint16_t                           len[NGX_HTTP_LLMLIMIT_USAGE_NFIELDS];
     u_char                             data[1];
 } ngx_http_llmlimit_usage_group_t;
 
@@ -117,14 +117,14 @@ typedef struct {
 typedef struct {
     ngx_http_llmlimit_usage_zone_t    *zone;       /* NULL: off */
     ngx_http_llmlimit_usage_zone_t    *api;        /* llmlimit_usage_api */
-    ngx_http_llmlimit_usage_field_t    fields[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
+    ngx_http_llmlimit_usage_field_t    fields[NGX_HTTP_LLMLIMIT_USAGE_NFIELDS];
 } ngx_http_llmlimit_usage_loc_conf_t;
 
 
 /* what a bucket has not flushed to Redis yet, taken from the zone */
 typedef struct {
     uint64_t                           hash[2];    /* of the group */
-    ngx_str_t                          fields[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
+    ngx_str_t                          fields[NGX_HTTP_LLMLIMIT_USAGE_NFIELDS];
     time_t                             start;
     uint64_t                           requests;
     uint64_t                           rejected;

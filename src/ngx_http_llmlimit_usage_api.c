@@ -1034,7 +1034,7 @@ ngx_http_llmlimit_usage_csv(ngx_http_request_t *r,
 
         /* the id and name columns: two a group_by, one for api_key */
 
-        for (f = 0; f < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; f++) {
+        for (f = 0; f < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; f++) {
             *p++ = ',';
 
             if (f == 2 * q->group_by) {

@@ -67,7 +67,7 @@ struct ngx_http_llmlimit_usage_flush_s {
 /* a group of the groups hash */
 typedef struct {
     uint64_t                           gid;
-    ngx_str_t                          fields[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
+    ngx_str_t                          fields[NGX_HTTP_LLMLIMIT_USAGE_NFIELDS];
     uint32_t                           fhash[NGX_HTTP_LLMLIMIT_USAGE_GROUP_BYS];
     ngx_uint_t                         used;
 } ngx_http_llmlimit_usage_rgroup_t;
@@ -149,7 +149,7 @@ static const char  ngx_http_llmlimit_usage_lua[] =
     "return 1\n";
 
 
-static ngx_str_t  ngx_http_llmlimit_usage_empty[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
+static ngx_str_t  ngx_http_llmlimit_usage_empty[NGX_HTTP_LLMLIMIT_USAGE_NFIELDS];
 
 
 ngx_int_t
@@ -281,7 +281,7 @@ ngx_http_llmlimit_usage_flush_args(ngx_http_llmlimit_usage_flush_t *f)
         if (dl[i].first) {
             n++;
 
-            for (j = 0; j < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; j++) {
+            for (j = 0; j < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; j++) {
                 len += dl[i].fields[j].len + NGX_INT_T_LEN + 1;
             }
         }
@@ -330,7 +330,7 @@ ngx_http_llmlimit_usage_flush_args(ngx_http_llmlimit_usage_flush_t *f)
 
         argv[argc] = (const char *) p;
 
-        for (j = 0; j < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; j++) {
+        for (j = 0; j < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; j++) {
             p = ngx_sprintf(p, "%uz:%V", dl[i].fields[j].len,
                             &dl[i].fields[j]);
         }
@@ -662,7 +662,7 @@ ngx_http_llmlimit_usage_group_of(ngx_http_llmlimit_usage_rgroup_t *g,
     p = copy;
     last = p + len;
 
-    for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
+    for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS; i++) {
         n = 0;
 
         while (p < last && *p >= '0' && *p <= '9') {
@@ -782,7 +782,7 @@ ngx_http_llmlimit_usage_counts(struct redisAsyncContext *ac, void *reply,
             ih = wh;
         }
 
-        name = (by + 1 < NGX_HTTP_LLMLIMIT_USAGE_FIELDS) ? &f[by + 1]
+        name = (by + 1 < NGX_HTTP_LLMLIMIT_USAGE_NFIELDS) ? &f[by + 1]
                                                          : &none;
 
         if (ngx_http_llmlimit_usage_add(rd->q, t, &f[0], wh, &f[by], ih, name,
