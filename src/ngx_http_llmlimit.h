@@ -277,6 +277,11 @@ extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_redis_store;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_sync_store;
 
 
+/* ngx_http_llmlimit_module.c */
+ngx_http_llmlimit_zone_t *ngx_http_llmlimit_zone_ref(ngx_conf_t *cf,
+    ngx_str_t *name);
+
+
 /* src/ngx_http_llmlimit_rules.c */
 char *ngx_http_llmlimit_rule_parse(ngx_conf_t *cf,
     ngx_http_llmlimit_table_t *table);
@@ -287,6 +292,10 @@ ngx_int_t ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
     ngx_str_t *identity);
 ngx_http_llmlimit_limits_t *ngx_http_llmlimit_rule_limits(
     ngx_http_llmlimit_rule_t *rule, ngx_str_t *plan);
+
+
+/* src/ngx_http_llmlimit_keys.c */
+ngx_str_t *ngx_http_llmlimit_keys_request_fields(ngx_http_request_t *r);
 
 
 /* src/ngx_http_llmlimit_hash.c */
@@ -356,6 +365,20 @@ ngx_int_t ngx_http_llmlimit_redis_command(ngx_http_llmlimit_redis_t *redis,
     int argc, const char **argv, const size_t *argvlen,
     ngx_http_llmlimit_redis_cmd_t *cmd);
 ngx_str_t *ngx_http_llmlimit_redis_prefix(ngx_http_llmlimit_redis_t *redis);
+
+/* a connection of its own to a zone's Redis (usage accounting) */
+struct redisAsyncContext;
+typedef void (*ngx_http_llmlimit_redis_reply_pt)(struct redisAsyncContext *ac,
+    void *reply, void *data);
+
+ngx_http_llmlimit_redis_t *ngx_http_llmlimit_redis_open(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone);
+ngx_int_t ngx_http_llmlimit_redis_own_command(
+    ngx_http_llmlimit_redis_t *redis, ngx_http_llmlimit_redis_reply_pt fn,
+    void *data, int argc, const char **argv, const size_t *argvlen);
+void ngx_http_llmlimit_redis_reset(ngx_http_llmlimit_redis_t *redis,
+    const char *reason);
+void ngx_http_llmlimit_redis_close(ngx_http_llmlimit_redis_t *redis);
 
 
 /* the module's configuration and request state */

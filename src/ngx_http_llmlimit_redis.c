@@ -156,9 +156,12 @@ struct ngx_http_llmlimit_redis_s {
 
     u_char                          reason[128];
 
+    ngx_http_llmlimit_redis_peer_t  peer;          /* last found */
+
     unsigned                        healthy:1;
     unsigned                        exiting:1;
     unsigned                        moved:1;       /* reconnect at once */
+    unsigned                        found:1;       /* peer is set */
 };
 
 
@@ -292,6 +295,8 @@ static void ngx_http_llmlimit_redis_add_event(ngx_event_t *ev,
 static void ngx_http_llmlimit_redis_del_event(ngx_event_t *ev,
     ngx_int_t event);
 static void ngx_http_llmlimit_redis_free_connection(void *data);
+static ngx_int_t ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_redis_t *redis);
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
@@ -1279,6 +1284,21 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
 
     redis->state = NGX_HTTP_LLMLIMIT_REDIS_FINDING;
 
+    if (redis != redis->zone->redis) {
+
+        /* a connection of its own goes where the zone's last went */
+
+        if (redis->zone->redis->found) {
+            ngx_http_llmlimit_redis_found(redis, &redis->zone->redis->peer,
+                                          NULL);
+
+        } else {
+            ngx_http_llmlimit_redis_gone(redis, "no address yet");
+        }
+
+        return;
+    }
+
     ngx_http_llmlimit_redis_addr_find(redis->where);
 }
 
@@ -1298,6 +1318,11 @@ ngx_http_llmlimit_redis_found(ngx_http_llmlimit_redis_t *redis,
     if (peer == NULL) {
         ngx_http_llmlimit_redis_gone(redis, error);
         return;
+    }
+
+    if (redis == redis->zone->redis) {
+        redis->peer = *peer;
+        redis->found = 1;
     }
 
     ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
@@ -2334,17 +2359,22 @@ ngx_int_t
 ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone)
 {
-    size_t                      size;
-    ngx_http_llmlimit_redis_t  *redis;
-
-    redis = zone->redis;
-
-    if (redis == NULL
+    if (zone->redis == NULL
         || (ngx_process != NGX_PROCESS_WORKER
             && ngx_process != NGX_PROCESS_SINGLE))
     {
         return NGX_OK;
     }
+
+    return ngx_http_llmlimit_redis_start(cycle, zone->redis);
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_redis_t *redis)
+{
+    size_t  size;
 
     redis->log = cycle->log;
 
@@ -2402,8 +2432,11 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->exiting = 0;
     redis->moved = 0;
 
-    ngx_http_llmlimit_redis_addr_init_process(redis->where, cycle->log,
-                                              redis->timeout, redis);
+    if (redis == redis->zone->redis) {
+        ngx_http_llmlimit_redis_addr_init_process(redis->where, cycle->log,
+                                                  redis->timeout, redis);
+    }
+
     ngx_http_llmlimit_redis_connect(redis);
 
     return NGX_OK;
@@ -2414,19 +2447,98 @@ void
 ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone)
 {
+    if (zone->redis) {
+        ngx_http_llmlimit_redis_close(zone->redis);
+    }
+}
+
+
+/*
+ * A connection of its own to a zone's Redis, for the worker, for other
+ * users than the store (usage accounting): the same configuration, the
+ * same handshake and reconnection, and commands of their own sent with
+ * ngx_http_llmlimit_redis_own_command(), so that they never wait behind the
+ * store's calls nor these behind them.
+ */
+
+ngx_http_llmlimit_redis_t *
+ngx_http_llmlimit_redis_open(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    size_t                      conf;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = ngx_pcalloc(cycle->pool, sizeof(ngx_http_llmlimit_redis_t));
+    if (redis == NULL) {
+        return NULL;
+    }
+
+    /* the configuration, before "ac" */
+
+    conf = offsetof(ngx_http_llmlimit_redis_t, ac);
+    ngx_memcpy(redis, zone->redis, conf);
+
+    if (ngx_http_llmlimit_redis_start(cycle, redis) != NGX_OK) {
+        return NULL;
+    }
+
+    return redis;
+}
+
+
+/*
+ * Sends a command on the connection if it is ready (NGX_DECLINED if not);
+ * fn(ac, reply, data) is called with the reply, or with NULL if the
+ * connection is lost first.
+ */
+
+ngx_int_t
+ngx_http_llmlimit_redis_own_command(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_reply_pt fn, void *data, int argc,
+    const char **argv, const size_t *argvlen)
+{
+    if (redis->state != NGX_HTTP_LLMLIMIT_REDIS_READY
+        || ngx_http_llmlimit_redis_quitting(redis))
+    {
+        return NGX_DECLINED;
+    }
+
+    if (redisAsyncCommandArgv(redis->ac, (redisCallbackFn *) fn, data, argc,
+                              argv, argvlen)
+        != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* gives up on a connection that owes replies for too long */
+
+void
+ngx_http_llmlimit_redis_reset(ngx_http_llmlimit_redis_t *redis,
+    const char *reason)
+{
+    ngx_http_llmlimit_redis_drop(redis, reason);
+}
+
+
+void
+ngx_http_llmlimit_redis_close(ngx_http_llmlimit_redis_t *redis)
+{
     ngx_queue_t                     *q;
-    ngx_http_llmlimit_redis_t       *redis;
     ngx_http_llmlimit_redis_wait_t  *w;
 
-    redis = zone->redis;
-
-    if (redis == NULL || redis->pool == NULL) {
+    if (redis->pool == NULL) {
         return;
     }
 
     redis->exiting = 1;
 
-    ngx_http_llmlimit_redis_addr_exit_process(redis->where);
+    if (redis == redis->zone->redis) {
+        ngx_http_llmlimit_redis_addr_exit_process(redis->where);
+    }
 
     if (redis->event.timer_set) {
         ngx_del_timer(&redis->event);
