@@ -10,6 +10,7 @@ use lib "$FindBin::Bin/lib";
 use Test::More;
 use LLMLimit::Test;
 use File::Temp ();
+use Time::HiRes qw(time sleep);
 
 require "$FindBin::Bin/metrics-lib.pl";
 
@@ -265,6 +266,74 @@ $t->stop;
        $m{'llmlimit_zone_size_bytes{zone="small"}'}, 'every byte used');
     like($t->error_log, qr/llmlimit zone "small" is full, evicted/,
          'the full zone is logged');
+
+    $t->stop;
+}
+
+
+# ---------------------------------------------------------------------------
+# the key directory: keys loaded, when, failed loads (the directory in use
+# kept)
+
+{
+    my $dir = File::Temp::tempdir('llmlimit-keys-XXXXXX', TMPDIR => 1,
+                                  CLEANUP => 1);
+    chmod 0755, $dir;
+    my $file = "$dir/keys.json";
+
+    my $write = sub {
+        my ($text) = @_;
+        open my $fh, '>', "$file.tmp" or die "$file: $!";
+        print $fh $text;
+        close $fh;
+        chmod 0644, "$file.tmp";
+        rename "$file.tmp", $file or die "$file: $!";
+    };
+
+    $write->('{"keys": [{"key": "secret-one", "plan": "pro", "org": "o1"},'
+             . ' {"key": "secret-two", "plan": "pro", "org": "o2"}]}');
+
+    my $before = time;
+
+    my $t = LLMLimit::Test->new(
+        name   => 'metrics keys',
+        http   => qq{
+            llmlimit_keys  $file check=100ms;
+            llmlimit_zone  z 1m;
+            llmlimit_rules org zone=z {
+                "Org"  *  *  \$llmlimit_key_org  5/1h;
+            }
+        },
+        config => q{
+            llmlimit_key $http_x_api_key;
+            location / { llmlimit org; proxy_pass http://%%BACKEND%%; }
+            location = /metrics { llmlimit_metrics; }
+        },
+    )->start;
+
+    is($t->req('GET /x', headers => { 'X-Api-Key' => 'secret-one' })->status,
+       200, 'a known key');
+
+    my $text = $t->req('GET /metrics')->body;
+    my %m = metrics_values($text);
+    is($m{llmlimit_keys_loaded}, 2, 'two keys loaded');
+    ok($m{llmlimit_keys_last_load_timestamp_seconds} >= int($before) - 1
+       && $m{llmlimit_keys_last_load_timestamp_seconds} <= time + 1,
+       'loaded now, Unix time');
+    is($m{llmlimit_keys_load_failures_total}, 0, 'no failure');
+    unlike($text, qr/secret-one|secret-two|o1|o2/, 'no key, no organisation');
+
+    $write->('{"keys": [ broken');
+
+    my $end = time + 10 * $SLOW;
+    while (time < $end) {
+        %m = metrics_values($t->req('GET /metrics')->body);
+        last if $m{llmlimit_keys_load_failures_total};
+        sleep 0.1;
+    }
+
+    is($m{llmlimit_keys_load_failures_total}, 1, 'a bad file: one failure');
+    is($m{llmlimit_keys_loaded}, 2, 'the directory in use kept');
 
     $t->stop;
 }
