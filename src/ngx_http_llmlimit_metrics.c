@@ -648,7 +648,7 @@ ngx_http_llmlimit_metrics_redis_zones(ngx_http_llmlimit_metrics_conf_t *mcf,
 {
     ngx_uint_t                          i, j, k, n, redis;
     ngx_atomic_t                       *v;
-    ngx_atomic_uint_t                   cum;
+    ngx_atomic_uint_t                   cum, us;
     ngx_http_llmlimit_metrics_zone_t  **zones, *mz;
 
     static ngx_uint_t  simple[] = {
@@ -764,11 +764,12 @@ ngx_http_llmlimit_metrics_redis_zones(ngx_http_llmlimit_metrics_conf_t *mcf,
                              ngx_http_llmlimit_metrics_le[j], cum);
         }
 
+        us = v[NGX_HTTP_LLMLIMIT_METRICS_SUM];
+
         p = ngx_slprintf(p, last,
                          "llmlimit_redis_latency_seconds_sum{%V} %uA.%06uA\n"
                          "llmlimit_redis_latency_seconds_count{%V} %uA\n",
-                         &mz->labels, v[NGX_HTTP_LLMLIMIT_METRICS_SUM] / 1000000,
-                         v[NGX_HTTP_LLMLIMIT_METRICS_SUM] % 1000000,
+                         &mz->labels, us / 1000000, us % 1000000,
                          &mz->labels, cum);
     }
 
@@ -1084,7 +1085,7 @@ ngx_http_llmlimit_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     for (i = 0; i < mcf->series.nelts; i++) {
         s[i].v = ngx_http_llmlimit_metrics_get(mcf, s[i].kind, &s[i].name,
-                                               NGX_HTTP_LLMLIMIT_METRICS_NCATEGORY);
+                                          NGX_HTTP_LLMLIMIT_METRICS_NCATEGORY);
     }
 
     tables = mcf->tables.elts;
