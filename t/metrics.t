@@ -9,7 +9,7 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
 use LLMLimit::Test;
-use File::Temp ();
+use LLMLimit::Keys;
 use Time::HiRes qw(time sleep);
 
 require "$FindBin::Bin/metrics-lib.pl";
@@ -276,22 +276,10 @@ $t->stop;
 # kept)
 
 {
-    my $dir = File::Temp::tempdir('llmlimit-keys-XXXXXX', TMPDIR => 1,
-                                  CLEANUP => 1);
-    chmod 0755, $dir;
-    my $file = "$dir/keys.json";
+    my $file = keys_file();
 
-    my $write = sub {
-        my ($text) = @_;
-        open my $fh, '>', "$file.tmp" or die "$file: $!";
-        print $fh $text;
-        close $fh;
-        chmod 0644, "$file.tmp";
-        rename "$file.tmp", $file or die "$file: $!";
-    };
-
-    $write->('{"keys": [{"key": "secret-one", "plan": "pro", "org": "o1"},'
-             . ' {"key": "secret-two", "plan": "pro", "org": "o2"}]}');
+    write_keys($file, [ { key => 'secret-one', plan => 'pro', org => 'o1' },
+                        { key => 'secret-two', plan => 'pro', org => 'o2' } ]);
 
     my $before = time;
 
@@ -323,7 +311,7 @@ $t->stop;
     is($m{llmlimit_keys_load_failures_total}, 0, 'no failure');
     unlike($text, qr/secret-one|secret-two|o1|o2/, 'no key, no organisation');
 
-    $write->('{"keys": [ broken');
+    write_raw($file, '{"keys": [ broken');
 
     my $end = time + 10 * $SLOW;
     while (time < $end) {
