@@ -106,6 +106,7 @@ struct ngx_http_llmlimit_metrics_zone_s {
     ngx_atomic_t                       *v;         /* NULL: not Redis */
     ngx_uint_t                          ready;     /* connected now */
     ngx_uint_t                          connected; /* ever */
+    size_t                              gauges[4]; /* of a scrape */
 };
 
 
@@ -580,8 +581,8 @@ static u_char *
 ngx_http_llmlimit_metrics_zones(ngx_http_llmlimit_metrics_conf_t *mcf,
     u_char *p, u_char *last)
 {
-    size_t                              size, used;
-    ngx_uint_t                          i, k, nodes, evictions;
+    size_t                             *g;
+    ngx_uint_t                          i, k, n;
     ngx_slab_pool_t                    *shpool;
     ngx_http_llmlimit_zone_t           *zone;
     ngx_http_llmlimit_metrics_zone_t  **zones;
@@ -603,9 +604,32 @@ ngx_http_llmlimit_metrics_zones(ngx_http_llmlimit_metrics_conf_t *mcf,
     };
 
     zones = mcf->zones.elts;
+    n = mcf->zones.nelts;
 
-    if (mcf->zones.nelts == 0) {
+    if (n == 0) {
         return p;
+    }
+
+    /* one look under each zone's lock: counters, size, used, evictions */
+
+    for (i = 0; i < n; i++) {
+        zone = zones[i]->zone;
+        shpool = zone->shpool;
+        g = zones[i]->gauges;
+
+        if (zone->sh == NULL || shpool == NULL) {
+            ngx_memzero(g, sizeof(zones[i]->gauges));
+            continue;
+        }
+
+        ngx_shmtx_lock(&shpool->mutex);
+
+        g[0] = zone->sh->nodes;
+        g[1] = zone->shm_zone->shm.size;
+        g[2] = g[1] - shpool->pfree * ngx_pagesize;
+        g[3] = zone->sh->evictions;
+
+        ngx_shmtx_unlock(&shpool->mutex);
     }
 
     for (k = 0; k < 4; k++) {
@@ -613,28 +637,9 @@ ngx_http_llmlimit_metrics_zones(ngx_http_llmlimit_metrics_conf_t *mcf,
                                              names[3 * k + 1],
                                              names[3 * k + 2]);
 
-        for (i = 0; i < mcf->zones.nelts; i++) {
-            zone = zones[i]->zone;
-            shpool = zone->shpool;
-
-            if (zone->sh == NULL || shpool == NULL) {
-                continue;
-            }
-
-            ngx_shmtx_lock(&shpool->mutex);
-
-            nodes = zone->sh->nodes;
-            evictions = zone->sh->evictions;
-            size = zone->shm_zone->shm.size;
-            used = size - shpool->pfree * ngx_pagesize;
-
-            ngx_shmtx_unlock(&shpool->mutex);
-
+        for (i = 0; i < n; i++) {
             p = ngx_slprintf(p, last, "%s{%V} %uz\n", names[3 * k],
-                             &zones[i]->labels,
-                             k == 0 ? nodes
-                             : k == 1 ? size
-                             : k == 2 ? used : evictions);
+                             &zones[i]->labels, zones[i]->gauges[k]);
         }
     }
 
