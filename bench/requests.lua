@@ -16,6 +16,8 @@
 --   size=N     number of pre-built requests  (default: every key x type
 --              pair, capped at 100000)
 --   pipeline=N send N requests per write (default 1: no pipelining)
+--   chat=1     the LLM mix instead: GET /v1/chat/completions with an API
+--              key, for the token-budget scenarios
 
 local types = {
     -- method     path                            identity
@@ -129,6 +131,10 @@ function init(args)
             pipeline = math.max(1, tonumber(value))
         elseif name == "warmup" then
             warmup = value ~= "0"
+        elseif name == "chat" then
+            if value ~= "0" then
+                types = { { "GET", "/v1/chat/completions", "key" } }
+            end
         else
             error("requests.lua: unknown argument " .. a)
         end

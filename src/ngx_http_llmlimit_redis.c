@@ -98,11 +98,14 @@
 #endif
 
 /*
- * EVALSHA sha numkeys key... m n... f (algorithm period count time)...
- * (algorithm period count)...
+ * EVALSHA sha numkeys key... m n... f (kind period count time amount)...
+ * (kind period count cost)...
  */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
-    (5 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 5 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+    (5 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 6 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+
+/* the script's kind of a counter: the algorithm, + 4 for a token budget */
+#define NGX_HTTP_LLMLIMIT_REDIS_TOKENS      4
 
 /* Redis' time in a reply, ms, below this */
 #define NGX_HTTP_LLMLIMIT_REDIS_TIME_MAX    (1LL << 50)
@@ -165,6 +168,8 @@ typedef struct {
     ngx_msec_t                      period;
     ngx_uint_t                      count;
     ngx_uint_t                      algorithm;
+    ngx_uint_t                      cost;
+    ngx_uint_t                      tokens;
 } ngx_http_llmlimit_redis_counter_t;
 
 
@@ -190,11 +195,16 @@ struct ngx_http_llmlimit_redis_wait_s {
 };
 
 
-/* a counter to take back, counted at Redis' time "time" */
+/*
+ * A change to a counter: "amount" < 0 takes back what was counted at
+ * Redis' time "time" (a refund, or a token charge below the estimate),
+ * "amount" > 0 charges tokens at the script's time.
+ */
 
 typedef struct {
     ngx_http_llmlimit_redis_counter_t  counter;
     int64_t                            time;
+    int64_t                            amount;
 } ngx_http_llmlimit_redis_refund_t;
 
 
@@ -221,6 +231,10 @@ static ngx_int_t ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+static void ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens);
+static void ngx_http_llmlimit_redis_copy(ngx_http_llmlimit_redis_counter_t *wc,
+    ngx_http_llmlimit_counter_t *c);
 static ngx_http_llmlimit_redis_refund_t *ngx_http_llmlimit_redis_refunds(
     ngx_http_llmlimit_redis_t *redis, ngx_uint_t n);
 static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
@@ -290,6 +304,7 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
     ngx_http_llmlimit_redis_init_process,
     ngx_http_llmlimit_redis_check,
     ngx_http_llmlimit_redis_refund,
+    ngx_http_llmlimit_redis_charge,
     ngx_http_llmlimit_redis_exit_process
 };
 
@@ -309,10 +324,8 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_queue_t                        *q;
     ngx_pool_cleanup_t                 *cln;
     ngx_http_llmlimit_redis_t          *redis;
-    ngx_http_llmlimit_counter_t        *c;
     ngx_http_llmlimit_redis_call_t     *call;
     ngx_http_llmlimit_redis_wait_t     *w;
-    ngx_http_llmlimit_redis_counter_t  *wc;
 
     redis = b->zone->redis;
 
@@ -389,13 +402,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     w->refund = 0;
 
     for (i = 0; i < b->n; i++) {
-        c = &b->counters[i];
-        wc = &w->counters[i];
-
-        ngx_memcpy(wc->hash, c->hash, 16);
-        wc->period = c->period;
-        wc->count = c->count;
-        wc->algorithm = c->algorithm;
+        ngx_http_llmlimit_redis_copy(&w->counters[i], &b->counters[i]);
     }
 
     call->waits[call->nwaits++] = w;
@@ -468,12 +475,84 @@ ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
 
-        ngx_memcpy(rf[i].counter.hash, c->hash, 16);
-        rf[i].counter.period = c->period;
-        rf[i].counter.count = c->count;
-        rf[i].counter.algorithm = c->algorithm;
+        ngx_http_llmlimit_redis_copy(&rf[i].counter, c);
         rf[i].time = b->time;
+        rf[i].amount = -(int64_t) rf[i].counter.cost;
     }
+}
+
+
+/*
+ * The token budgets of a request let through are charged what it used:
+ * the shadow (or the local fallback) at once, Redis by entries in the
+ * open call, as refunds are; nothing else is sent for it.
+ */
+
+static void
+ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens)
+{
+    int64_t                             amount;
+    ngx_uint_t                          i, n;
+    ngx_http_llmlimit_counter_t        *c;
+    ngx_http_llmlimit_redis_refund_t   *rf;
+
+    if (b->local) {
+        ngx_http_llmlimit_shm_tokens(r, b, tokens);
+    }
+
+    if (!b->remote) {
+        return;
+    }
+
+    n = 0;
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+        n += (c->tokens && c->cost != tokens);
+    }
+
+    if (n == 0) {
+        return;
+    }
+
+    rf = ngx_http_llmlimit_redis_refunds(b->zone->redis, n);
+
+    if (rf == NULL) {
+        /* Redis is lost (logged once): the charge too, as refunds are */
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "llmlimit redis: cannot charge %ui tokens", tokens);
+        return;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+        amount = (int64_t) tokens - (int64_t) c->cost;
+
+        if (!c->tokens || amount == 0) {
+            continue;
+        }
+
+        ngx_http_llmlimit_redis_copy(&rf->counter, c);
+        rf->time = b->time;
+        rf->amount = amount;
+        rf++;
+    }
+}
+
+
+/* what a call sends for a counter */
+
+static void
+ngx_http_llmlimit_redis_copy(ngx_http_llmlimit_redis_counter_t *wc,
+    ngx_http_llmlimit_counter_t *c)
+{
+    ngx_memcpy(wc->hash, c->hash, 16);
+    wc->period = c->period;
+    wc->count = c->count;
+    wc->algorithm = c->algorithm;
+    wc->cost = c->tokens ? c->cost : 1;
+    wc->tokens = c->tokens;
 }
 
 
@@ -615,12 +694,12 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
 
 
 /*
- * EVALSHA sha numkeys key... m n... f (algorithm period count time)...
- * (algorithm period count)... or, after NOSCRIPT, the same with EVAL and
- * the script: f refund entries, then m requests of n counters each (keys
- * in the same order).  Keys are PREFIX{hex of the counter's hash}:PERIOD:
- * one budget's counters share a hash slot, and no identity appears in
- * clear.
+ * EVALSHA sha numkeys key... m n... f (kind period count time amount)...
+ * (kind period count cost)... or, after NOSCRIPT, the same with EVAL and
+ * the script: f refund or charge entries, then m requests of n counters
+ * each (keys in the same order).  Keys are PREFIX{hex of the counter's
+ * hash}:PERIOD, and "t" after it for a token budget: one budget's counters
+ * share a hash slot, and no identity appears in clear.
  */
 
 static ngx_int_t
@@ -690,7 +769,9 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
         argvlen[k++] = p - start;
 
         start = p;
-        p = ngx_sprintf(p, "%ui", c->algorithm);
+        p = ngx_sprintf(p, "%ui", c->algorithm
+                                  + (c->tokens ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
+                                               : 0));
         argv[a] = (const char *) start;
         argvlen[a++] = p - start;
 
@@ -708,6 +789,11 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
         p = ngx_sprintf(p, "%L", rf->time);
         argv[a] = (const char *) start;
         argvlen[a++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%L", rf->amount);
+        argv[a] = (const char *) start;
+        argvlen[a++] = p - start;
     }
 
     for (j = 0; j < call->nwaits; j++) {
@@ -722,7 +808,10 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
             argvlen[k++] = p - start;
 
             start = p;
-            p = ngx_sprintf(p, "%ui", c->algorithm);
+            p = ngx_sprintf(p, "%ui",
+                            c->algorithm
+                            + (c->tokens ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
+                                         : 0));
             argv[a] = (const char *) start;
             argvlen[a++] = p - start;
 
@@ -733,6 +822,11 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
 
             start = p;
             p = ngx_sprintf(p, "%ui", c->count);
+            argv[a] = (const char *) start;
+            argvlen[a++] = p - start;
+
+            start = p;
+            p = ngx_sprintf(p, "%ui", c->cost);
             argv[a] = (const char *) start;
             argvlen[a++] = p - start;
         }
@@ -756,8 +850,13 @@ ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis, u_char *p,
     p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
     *p++ = '{';
     p = ngx_hex_dump(p, c->hash, 16);
+    p = ngx_sprintf(p, "}:%M", c->period);
 
-    return ngx_sprintf(p, "}:%M", c->period);
+    if (c->tokens) {
+        *p++ = 't';
+    }
+
+    return p;
 }
 
 
@@ -981,6 +1080,7 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
                 for (j = 0; j < w->n; j++) {
                     rf[j].counter = w->counters[j];
                     rf[j].time = call->now;
+                    rf[j].amount = -(int64_t) w->counters[j].cost;
                 }
             }
         }
@@ -2226,12 +2326,12 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
                                 NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(size_t));
 
     /*
-     * a key and up to four numbers per counter or refund, a number per
+     * a key and up to five numbers per counter or refund, a number per
      * request, three
      */
 
     size = NGX_HTTP_LLMLIMIT_REDIS_KEYS
-           * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 5 * NGX_INT64_LEN)
+           * (redis->prefix.len + sizeof("{}:t") - 1 + 32 + 6 * NGX_INT64_LEN)
            + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 3) * NGX_INT64_LEN;
 
     redis->buf = ngx_pnalloc(redis->pool, size);
