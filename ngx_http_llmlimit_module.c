@@ -434,9 +434,9 @@ ngx_http_llmlimit_handler(ngx_http_request_t *r)
         rc = ngx_http_llmlimit_classify(r, llcf, ctx);
 
         if (rc != NGX_OK) {
-            ctx->decided = 1;
             ctx->status = NGX_HTTP_LLMLIMIT_ERROR;
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+            goto failed;
         }
     }
 
@@ -446,13 +446,17 @@ ngx_http_llmlimit_handler(ngx_http_request_t *r)
         return NGX_AGAIN;
     }
 
-    ctx->decided = 1;
-
-    if (rc != NGX_OK) {
-        return rc;
+    if (rc == NGX_OK) {
+        ctx->decided = 1;
+        return ngx_http_llmlimit_decide(r, llcf, ctx);
     }
 
-    return ngx_http_llmlimit_decide(r, llcf, ctx);
+failed:
+
+    ctx->decided = 1;
+    ngx_http_llmlimit_metrics_request(ctx);
+
+    return rc;
 }
 
 
@@ -491,7 +495,13 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
         rc = ngx_http_llmlimit_rules_match(r, table, &rule, &identity);
 
         if (rc == NGX_DECLINED) {
+            ctx->unmatched |= 1 << ctx->nmetrics;
+            ctx->metrics[ctx->nmetrics++] = table->metrics;
             continue;
+        }
+
+        if (rc == NGX_OK) {
+            ctx->metrics[ctx->nmetrics++] = rule->metrics;
         }
 
         if (rc != NGX_OK) {
@@ -682,6 +692,8 @@ ngx_http_llmlimit_run(ngx_http_request_t *r,
 
         if (b->rc == NGX_ERROR) {
 
+            ngx_http_llmlimit_metrics_fallback(zone);
+
             switch (zone->failure) {
 
             case NGX_HTTP_LLMLIMIT_FAIL_OPEN:
@@ -827,20 +839,19 @@ ngx_http_llmlimit_decide(ngx_http_request_t *r,
         ctx->category = &report->rule->category;
     }
 
-    if (!rejected) {
-        return NGX_DECLINED;
+    if (rejected) {
+        ctx->retry = report->retry;
+        ctx->status = llcf->dry_run ? NGX_HTTP_LLMLIMIT_REJECTED_DRY
+                                    : NGX_HTTP_LLMLIMIT_REJECTED;
+
+        ngx_http_llmlimit_log_rejection(r, llcf, report);
     }
 
-    ctx->retry = report->retry;
+    ngx_http_llmlimit_metrics_request(ctx);
 
-    ngx_http_llmlimit_log_rejection(r, llcf, report);
-
-    if (llcf->dry_run) {
-        ctx->status = NGX_HTTP_LLMLIMIT_REJECTED_DRY;
+    if (ctx->status != NGX_HTTP_LLMLIMIT_REJECTED) {
         return NGX_DECLINED;
     }
-
-    ctx->status = NGX_HTTP_LLMLIMIT_REJECTED;
 
     rc = ngx_http_llmlimit_reject(r, llcf, ctx);
 
@@ -2029,6 +2040,12 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
             return NGX_ERROR;
         }
 
+        if (ngx_http_llmlimit_metrics_add_zone(cf, &zones[i]->zone)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
         /* the Redis connection of any store: the http block's resolver */
 
         if (ngx_http_llmlimit_redis_postconf(cf, &zones[i]->zone) != NGX_OK) {
@@ -2071,6 +2088,10 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
                           &table->name, &tables[i]->ref.file,
                           tables[i]->ref.line, table->zone->store->name,
                           &table->zone->name);
+            return NGX_ERROR;
+        }
+
+        if (ngx_http_llmlimit_metrics_add_table(cf, table) != NGX_OK) {
             return NGX_ERROR;
         }
     }

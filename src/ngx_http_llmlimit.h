@@ -43,6 +43,8 @@
 
 typedef struct ngx_http_llmlimit_redis_s  ngx_http_llmlimit_redis_t;
 typedef struct ngx_http_llmlimit_store_s  ngx_http_llmlimit_store_t;
+typedef struct ngx_http_llmlimit_metrics_zone_s
+    ngx_http_llmlimit_metrics_zone_t;
 
 
 /*
@@ -91,6 +93,8 @@ typedef struct {
 
     ngx_array_t                    *plans;         /* limits_t per plan */
     ngx_http_llmlimit_limits_t      deflt;         /* any other plan */
+
+    ngx_atomic_t                   *metrics;       /* of its category */
 } ngx_http_llmlimit_rule_t;
 
 
@@ -101,7 +105,8 @@ typedef struct {
     ngx_queue_t                     lru;
     ngx_queue_t                     free;
     ngx_uint_t                      nodes;
-    ngx_uint_t                      evicted;
+    ngx_uint_t                      evicted;       /* since the warning */
+    ngx_uint_t                      evictions;     /* since the start */
     time_t                          warn_time;
     void                           *store;         /* the store's own */
 } ngx_http_llmlimit_shctx_t;
@@ -117,6 +122,7 @@ typedef struct {
     ngx_http_llmlimit_redis_t      *redis;         /* NULL: shm only */
     ngx_uint_t                      failure;       /* redis_failure= */
     void                           *data;          /* the store's own */
+    ngx_http_llmlimit_metrics_zone_t  *metrics;    /* NULL: none */
 } ngx_http_llmlimit_zone_t;
 
 
@@ -146,6 +152,7 @@ typedef struct {
     ngx_http_complex_value_t       *plan;
     ngx_array_t                     rules;         /* of rule_t */
     ngx_http_llmlimit_match_t      *match;         /* one per rule */
+    ngx_atomic_t                   *metrics;       /* matched no rule */
 } ngx_http_llmlimit_table_t;
 
 
@@ -465,6 +472,12 @@ typedef struct {
     ngx_uint_t                      estimate;      /* counted on admission */
     unsigned                        has_tokens:1;  /* has a token budget */
     unsigned                        charged:1;
+
+    /* the metrics of each table applied, by $llmlimit_status */
+    ngx_atomic_t                   *metrics[NGX_HTTP_LLMLIMIT_MAX_TABLES];
+    ngx_uint_t                      nmetrics;
+    ngx_uint_t                      unmatched;     /* bit i: metrics[i] is
+                                                      of no rule */
 } ngx_http_llmlimit_ctx_t;
 
 
@@ -496,6 +509,37 @@ ngx_int_t ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
 ngx_int_t ngx_http_llmlimit_reject(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+
+
+/* src/ngx_http_llmlimit_metrics.c */
+
+/* the Redis events of ngx_http_llmlimit_metrics_redis() */
+#define NGX_HTTP_LLMLIMIT_METRICS_CONNECTED   0  /* handshake done */
+#define NGX_HTTP_LLMLIMIT_METRICS_LOST        1  /* connection gone */
+#define NGX_HTTP_LLMLIMIT_METRICS_TIMEOUT     2  /* a request timed out */
+#define NGX_HTTP_LLMLIMIT_METRICS_OVERFLOW    3  /* too many replies owed */
+#define NGX_HTTP_LLMLIMIT_METRICS_PROTOCOL    4  /* reply of a wrong shape */
+#define NGX_HTTP_LLMLIMIT_METRICS_SCRIPT      5  /* error reply */
+#define NGX_HTTP_LLMLIMIT_METRICS_REPLY       6  /* a good reply */
+
+extern ngx_module_t                     ngx_http_llmlimit_metrics_module;
+
+ngx_int_t ngx_http_llmlimit_metrics_add_table(ngx_conf_t *cf,
+    ngx_http_llmlimit_table_t *table);
+ngx_int_t ngx_http_llmlimit_metrics_add_zone(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone);
+void ngx_http_llmlimit_metrics_request(ngx_http_llmlimit_ctx_t *ctx);
+void ngx_http_llmlimit_metrics_tokens(ngx_http_llmlimit_ctx_t *ctx,
+    ngx_uint_t n);
+void ngx_http_llmlimit_metrics_fallback(ngx_http_llmlimit_zone_t *zone);
+void ngx_http_llmlimit_metrics_redis(ngx_http_llmlimit_zone_t *zone,
+    ngx_uint_t event, uint64_t sent);
+uint64_t ngx_http_llmlimit_metrics_clock(void);
+
+
+/* src/ngx_http_llmlimit_keys.c */
+ngx_int_t ngx_http_llmlimit_keys_stats(ngx_cycle_t *cycle,
+    ngx_uint_t *nkeys, time_t *loaded, ngx_uint_t *failures);
 
 
 /* src/ngx_http_llmlimit_json.c */

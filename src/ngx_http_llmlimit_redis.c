@@ -223,6 +223,7 @@ struct ngx_http_llmlimit_redis_call_s {
     ngx_uint_t                      nkeys;         /* of the requests */
     ngx_uint_t                      nrefunds;
     int64_t                         now;           /* Redis', from the reply */
+    uint64_t                        sent;          /* us, for the metrics */
     ngx_queue_t                     queue;
     unsigned                        eval:1;        /* resent with EVAL */
     ngx_http_llmlimit_redis_wait_t *waits[NGX_HTTP_LLMLIMIT_REDIS_BATCH];
@@ -689,6 +690,8 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
             continue;
         }
 
+        call->sent = ngx_http_llmlimit_metrics_clock();
+
         if (ngx_http_llmlimit_redis_send(redis, call) != NGX_OK) {
             ngx_http_llmlimit_redis_fail(redis, "cannot send EVALSHA");
             ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
@@ -921,6 +924,14 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
     if (rc != NGX_ERROR) {
         ngx_http_llmlimit_redis_ok(redis);
     }
+
+    ngx_http_llmlimit_metrics_redis(redis->zone,
+                                    rc != NGX_ERROR
+                                    ? NGX_HTTP_LLMLIMIT_METRICS_REPLY
+                                    : rp->type == REDIS_REPLY_ERROR
+                                    ? NGX_HTTP_LLMLIMIT_METRICS_SCRIPT
+                                    : NGX_HTTP_LLMLIMIT_METRICS_PROTOCOL,
+                                    call->sent);
 
     ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
                    "llmlimit redis reply: %i, %ui requests, %ui refunds",
@@ -1170,6 +1181,11 @@ ngx_http_llmlimit_redis_slow(ngx_http_llmlimit_redis_t *redis,
     } else {
         redis->overflows++;
     }
+
+    ngx_http_llmlimit_metrics_redis(redis->zone,
+                                    what == NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT
+                                    ? NGX_HTTP_LLMLIMIT_METRICS_TIMEOUT
+                                    : NGX_HTTP_LLMLIMIT_METRICS_OVERFLOW, 0);
 
     if (!redis->warn.timer_set && !ngx_http_llmlimit_redis_quitting(redis)) {
         ngx_add_timer(&redis->warn, 1000);
@@ -1532,6 +1548,10 @@ ngx_http_llmlimit_redis_handshake(redisAsyncContext *ac, void *reply,
             redis->state = NGX_HTTP_LLMLIMIT_REDIS_READY;
             redis->backoff = 0;
 
+            ngx_http_llmlimit_metrics_redis(redis->zone,
+                                            NGX_HTTP_LLMLIMIT_METRICS_CONNECTED,
+                                            0);
+
             if (redis->event.timer_set) {
                 ngx_del_timer(&redis->event);
             }
@@ -1587,6 +1607,9 @@ ngx_http_llmlimit_redis_gone(ngx_http_llmlimit_redis_t *redis,
     if (ngx_http_llmlimit_redis_quitting(redis)) {
         return;
     }
+
+    ngx_http_llmlimit_metrics_redis(redis->zone, NGX_HTTP_LLMLIMIT_METRICS_LOST,
+                                    0);
 
     ngx_http_llmlimit_redis_fail(redis, reason);
     ngx_http_llmlimit_redis_schedule(redis);

@@ -244,6 +244,7 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
 
     if (evicted) {
         zone->sh->evicted += evicted;
+        zone->sh->evictions += evicted;
 
         if (sec - zone->sh->warn_time >= NGX_HTTP_LLMLIMIT_WARN_PERIOD) {
             zone->sh->warn_time = sec;
@@ -721,6 +722,7 @@ ngx_http_llmlimit_shm_init(ngx_shm_zone_t *shm_zone,
     ngx_queue_init(&sh->free);
     sh->nodes = 0;
     sh->evicted = 0;
+    sh->evictions = 0;
     sh->warn_time = 0;
     sh->store = NULL;
 
