@@ -16,6 +16,9 @@
 --   size=N     number of pre-built requests  (default: every key x type
 --              pair, capped at 100000)
 --   pipeline=N send N requests per write (default 1: no pipelining)
+--   distinct=1 the "distinct" workload instead of the mix: every request is
+--              POST /runs/query with its own x-api-key, key after key, so
+--              no two requests in flight share a counter (size: keys)
 
 local types = {
     -- method     path                            identity
@@ -71,9 +74,17 @@ local function uuid(n)
 end
 
 
-local function build(keys, size, pipeline)
+local function build(keys, size, pipeline, distinct)
     local ntypes = #types
     local batch = {}
+
+    if distinct then
+        types = { { "POST", "/runs/query", "key" } }
+        ntypes = 1
+        if size == 0 then
+            size = keys
+        end
+    end
 
     if size == 0 then
         size = keys * ntypes / gcd(keys, ntypes)
@@ -115,6 +126,7 @@ function init(args)
     local size = 0
     local pipeline = 1
     local warmup = false
+    local distinct = false
     local n
 
     for _, a in ipairs(args) do
@@ -129,12 +141,14 @@ function init(args)
             pipeline = math.max(1, tonumber(value))
         elseif name == "warmup" then
             warmup = value ~= "0"
+        elseif name == "distinct" then
+            distinct = value ~= "0"
         else
             error("requests.lua: unknown argument " .. a)
         end
     end
 
-    n = build(keys, size, pipeline)
+    n = build(keys, size, pipeline, distinct)
 
     if warmup then
         stop = n
