@@ -76,8 +76,8 @@ __DATA__
 volatile ngx_time_t  *ngx_cached_time;
 
 static const char  now_line[] =
-    "local now = tonumber(tm[1]) * 1000 + floor(tonumber(tm[2]) / 1000)\n";
-static const char  ttl_expr[] = "'PX', max(e - now, 1)";
+    "local now = tm[1] * 1000 + floor(tm[2] / 1000)\n";
+static const char  ttl_expr[] = "max(e - now, 1)";
 
 
 static char *
@@ -96,7 +96,7 @@ script_with_clock(void)
         exit(1);
     }
 
-    sprintf(s, "%.*slocal now = tonumber(ARGV[#ARGV])\n%.*s'PX', 1e9%s",
+    sprintf(s, "%.*slocal now = tonumber(ARGV[#ARGV])\n%.*s1e9%s",
             (int) (p - src), src,
             (int) (q - p - strlen(now_line)), p + strlen(now_line),
             q + strlen(ttl_expr));
@@ -112,14 +112,15 @@ main(int argc, char **argv)
         1000, 999, 7000, 10000, 60000, 3600000, 86400000, 2592000000UL
     };
 
-    int            port, it, iters, i, j, n, k, steps, ac, bad, m, q, o;
+    int            port, it, iters, i, j, n, k, steps, ac, bad, m, q, o, w;
     int            nkeys, nq[MAXREQ], rej[MAXREQ];
     long           total, refunds;
-    char          *script, keys[3][64], nums[9][32], nn[MAXREQ + 4][32];
+    char          *script, keys[3][64], nums[9][32], nn[MAXREQ + 4][32],
+                   lim[3][8];
     int64_t        now, dt;
-    size_t         al[16 + 5 * MAXREQ * 3];
-    const char    *av[16 + 5 * MAXREQ * 3];
-    redisReply    *r;
+    size_t         al[32 + 5 * MAXREQ * 3];
+    const char    *av[32 + 5 * MAXREQ * 3];
+    redisReply    *r, *e;
     redisContext  *rc;
 
     ngx_http_llmlimit_counter_t  c[3], out[MAXREQ][3];
@@ -199,12 +200,16 @@ main(int argc, char **argv)
                 }
             }
 
-            /* the script */
+            /*
+             * the script: counter i of every request has limit i + 1
+             * (algorithm, period, count, cost 1)
+             */
 
             for (i = 0; i < n; i++) {
                 sprintf(nums[3 * i], "%d", (int) c[i].algorithm);
                 sprintf(nums[3 * i + 1], "%lu", (unsigned long) c[i].period);
                 sprintf(nums[3 * i + 2], "%lu", (unsigned long) c[i].count);
+                sprintf(lim[i], "%d", i + 1);
             }
 
             nkeys = 0;
@@ -217,6 +222,7 @@ main(int argc, char **argv)
             sprintf(nn[MAXREQ], "%d", nkeys);
             sprintf(nn[MAXREQ + 1], "%d", m);
             sprintf(nn[MAXREQ + 2], "%lld", (long long) now);
+            sprintf(nn[MAXREQ + 3], "%d", n);
 
             ac = 0;
             av[ac] = "EVAL"; al[ac++] = 4;
@@ -230,16 +236,24 @@ main(int argc, char **argv)
             }
 
             av[ac] = nn[MAXREQ + 1]; al[ac++] = strlen(nn[MAXREQ + 1]);
+            av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
+            av[ac] = "0"; al[ac++] = 1;     /* no entries */
+
+            for (i = 0; i < 3 * n; i++) {
+                av[ac] = nums[i]; al[ac++] = strlen(nums[i]);
+
+                if (i % 3 == 2) {
+                    av[ac] = "1"; al[ac++] = 1;
+                }
+            }
 
             for (q = 0; q < m; q++) {
                 av[ac] = nn[q]; al[ac++] = strlen(nn[q]);
             }
 
-            av[ac] = "0"; al[ac++] = 1;     /* no refund entries */
-
             for (q = 0; q < m; q++) {
-                for (i = 0; i < 3 * nq[q]; i++) {
-                    av[ac] = nums[i]; al[ac++] = strlen(nums[i]);
+                for (i = 0; i < nq[q]; i++) {
+                    av[ac] = lim[i]; al[ac++] = strlen(lim[i]);
                 }
             }
 
@@ -247,8 +261,14 @@ main(int argc, char **argv)
 
             r = redisCommandArgv(rc, ac, av, al);
 
+            /* counted: 2 results per counter, rejected: 4 */
+
+            for (q = 0, o = 1; q < m; q++) {
+                o += 1 + (rej[q] ? 4 : 2) * nq[q];
+            }
+
             if (r == NULL || r->type != REDIS_REPLY_ARRAY
-                || r->elements != (size_t) (1 + m + 4 * nkeys)
+                || r->elements != (size_t) o
                 || r->element[0]->integer != now)
             {
                 printf("bad reply: %s\n",
@@ -256,7 +276,7 @@ main(int argc, char **argv)
                 return 1;
             }
 
-            for (q = 0, o = 1; q < m; o += 1 + 4 * nq[q], q++) {
+            for (q = 0, o = 1; q < m; o += 1 + w * nq[q], q++) {
 
                 if (r->element[o]->integer != rej[q]) {
                     bad++;
@@ -264,6 +284,8 @@ main(int argc, char **argv)
                            "algo.c %d\n", it, k, q, m,
                            r->element[o]->integer, rej[q]);
                 }
+
+                w = rej[q] ? 4 : 2;
 
                 for (i = 0; i < nq[q]; i++) {
                     long long  v[4];
@@ -286,8 +308,15 @@ main(int argc, char **argv)
                     v[2] = out[q][i].reset;
                     v[3] = out[q][i].retry;
 
-                    for (j = 0; j < 4; j++) {
-                        if (r->element[o + 1 + 4 * i + j]->integer == v[j]) {
+                    /*
+                     * a counted request's counters: remaining and reset
+                     * (v[1], v[2]) only; a rejected one's: all four
+                     */
+
+                    for (j = (w == 4) ? 0 : 1; j <= ((w == 4) ? 3 : 2); j++) {
+                        e = r->element[o + 1 + w * i + j - (w == 4 ? 0 : 1)];
+
+                        if (e->integer == v[j]) {
                             continue;
                         }
 
@@ -298,7 +327,7 @@ main(int argc, char **argv)
                                it, k, q, m, i, (int) c[i].algorithm,
                                (unsigned long) c[i].count,
                                (unsigned long) c[i].period, j,
-                               r->element[o + 1 + 4 * i + j]->integer, v[j]);
+                               e->integer, v[j]);
                     }
                 }
             }
@@ -321,6 +350,8 @@ main(int argc, char **argv)
 
                 sprintf(nn[MAXREQ + 3], "%d", nq[q]);
 
+                /* no request, nq[q] limits, nq[q] entries of -1 */
+
                 ac = 0;
                 av[ac] = "EVAL"; al[ac++] = 4;
                 av[ac] = script; al[ac++] = strlen(script);
@@ -332,6 +363,7 @@ main(int argc, char **argv)
 
                 av[ac] = "0"; al[ac++] = 1;
                 av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
+                av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
 
                 for (i = 0; i < nq[q]; i++) {
                     for (j = 0; j < 3; j++) {
@@ -339,6 +371,12 @@ main(int argc, char **argv)
                         al[ac++] = strlen(nums[3 * i + j]);
                     }
 
+                    av[ac] = "1"; al[ac++] = 1;
+                }
+
+                for (i = 0; i < nq[q]; i++) {
+                    av[ac] = lim[i]; al[ac++] = strlen(lim[i]);
+                    av[ac] = "-1"; al[ac++] = 2;
                     av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
                 }
 
