@@ -94,10 +94,14 @@
 #error "a call must hold the counters of a request"
 #endif
 
+#if (NGX_HTTP_LLMLIMIT_REDIS_KEYS > 256 || NGX_HTTP_LLMLIMIT_MAX_COUNTERS > 255)
+#error "a byte must say a counter's limit and a request's counters"
+#endif
+
 /*
  * EVALSHA sha numkeys key... m L f (algorithm period count cost)...
- * (limit amount time)... n... limit...; the keys of a call, entries
- * included, are at most REDIS_KEYS, and so are its distinct limits
+ * (limit amount time)... ns limits; the keys of a call, entries included,
+ * are at most REDIS_KEYS, and so are its distinct limits
  */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
     (6 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 6 * NGX_HTTP_LLMLIMIT_REDIS_KEYS     \
@@ -152,7 +156,7 @@ struct ngx_http_llmlimit_redis_s {
     size_t                         *argvlen;
     u_char                         *buf;
     void                          **limits;        /* distinct, of a call */
-    uint16_t                       *idx;           /* a key's limit */
+    u_char                         *idx;           /* a key's limit */
 
     u_char                          reason[128];
 
@@ -611,10 +615,11 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
 
 /*
  * EVALSHA sha numkeys key... m L f (algorithm period count cost)...
- * (limit amount time)... n... limit... or, after NOSCRIPT, the same with
- * EVAL and the script: f entries (refunds: amount -1), then m requests of
- * n counters each (keys in the same order), each entry and counter naming
- * one of the call's L distinct limits (see ngx_http_llmlimit_redis_lua.h).
+ * (limit amount time)... ns limits, or, after NOSCRIPT, the same with EVAL
+ * and the script: f entries (refunds: amount -1), then m requests of n
+ * counters each (keys in the same order, ns a byte per request, its n),
+ * each entry and counter naming one of the call's L distinct limits
+ * ("limits": a byte per counter; see ngx_http_llmlimit_redis_lua.h).
  * Keys are PREFIX{hex of the counter's hash}:PERIOD: one budget's counters
  * share a hash slot, and no identity appears in clear.
  */
@@ -624,9 +629,8 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call)
 {
     int                                 k, a;
-    u_char                             *p, *start;
+    u_char                             *p, *start, *idx;
     size_t                             *argvlen;
-    uint16_t                           *idx;
     ngx_uint_t                          i, j, n, l, nlimits;
     const char                        **argv;
     ngx_http_llmlimit_redis_counter_t  *c, **limits;
@@ -669,7 +673,7 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
                 }
             }
 
-            idx[n++] = (uint16_t) l;
+            idx[n++] = (u_char) l;          /* l < REDIS_KEYS = 256 */
         }
     }
 
@@ -717,9 +721,19 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
         p = ngx_http_llmlimit_redis_int(redis, &a, p, call->refunds[i].time);
     }
 
+    /* a byte per request, its counters; a byte per counter, its limit */
+
+    argv[a] = (const char *) p;
+    argvlen[a++] = call->nwaits;
+
     for (j = 0; j < call->nwaits; j++) {
-        p = ngx_http_llmlimit_redis_int(redis, &a, p, call->waits[j]->n);
+        *p++ = (u_char) call->waits[j]->n;
     }
+
+    argv[a] = (const char *) p;
+    argvlen[a++] = call->nkeys;
+
+    p = ngx_cpymem(p, &idx[n], call->nkeys);
 
     for (j = 0; j < call->nwaits; j++) {
         c = call->waits[j]->counters;
@@ -729,8 +743,6 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
             p = ngx_http_llmlimit_redis_key(redis, p, c);
             argv[k] = (const char *) start;
             argvlen[k++] = p - start;
-
-            p = ngx_http_llmlimit_redis_int(redis, &a, p, idx[n++] + 1);
         }
     }
 
@@ -2152,8 +2164,7 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
 
     redis->limits = ngx_palloc(redis->pool,
                                NGX_HTTP_LLMLIMIT_REDIS_KEYS * sizeof(void *));
-    redis->idx = ngx_palloc(redis->pool,
-                            NGX_HTTP_LLMLIMIT_REDIS_KEYS * sizeof(uint16_t));
+    redis->idx = ngx_pnalloc(redis->pool, NGX_HTTP_LLMLIMIT_REDIS_KEYS);
 
     /*
      * per key (counter or entry): the key, its limit (four numbers at

@@ -23,12 +23,15 @@
  *                             counter of this limit counts: 1 a request)
  *   ARGV[B + 3e - 2 .. 3e]    entry e (B = 3 + 4L): limit, amount (signed),
  *                             and Redis' time (ms) of the count it corrects
- *   ARGV[B + 3f + j]          the number of counters of request j
- *   ARGV[B + 3f + m + i]      counter i (as in KEYS after the entries): its
- *                             limit
+ *   ARGV[B + 3f + 1]          m bytes: byte j is the number of counters of
+ *                             request j
+ *   ARGV[B + 3f + 2]          a byte per counter (as in KEYS after the
+ *                             entries): its limit - 1
  *
  * The calls of a worker share few distinct limits: each is sent once, and
  * the per-limit arithmetic (window, its key suffix, weights) is done once.
+ * A counter costs one argument, its key; bytes, not numbers, say which
+ * request and limit it belongs to (no string to number conversion).
  *
  * State.  fixed and sliding: one integer key per window, KEY:INDEX (INDEX
  * = floor(now / PERIOD)), INCRBY'd by the cost of each counted request,
@@ -54,7 +57,7 @@
 
 static const char  ngx_http_llmlimit_redis_lua[] =
 "local floor, max, min = math.floor, math.max, math.min\n"
-"local call, tonumber = redis.call, tonumber\n"
+"local call, tonumber, byte = redis.call, tonumber, string.byte\n"
 "local tm = call('TIME')\n"
 "local now = tm[1] * 1000 + floor(tm[2] / 1000)\n"
 "local N = now * 1000\n"
@@ -86,9 +89,10 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "end\n"
 "\n"
 "local B = 3 + 4 * L\n"
-"local nb = B + 3 * f\n"
-"local cb = nb + m\n"
-"local mk, nk, ek, ea, el, ck, pk, cl = {}, 0, {}, {}, {}, {}, {}, {}\n"
+"local ns, cs = ARGV[B + 3 * f + 1], ARGV[B + 3 * f + 2]\n"
+"local nc = #cs\n"
+"local cl = {byte(cs, 1, nc)}\n"
+"local mk, nk, ek, ea, el, ck, pk = {}, 0, {}, {}, {}, {}, {}\n"
 "\n"
 "for e = 1, f do\n"
 "  local l = tonumber(ARGV[B + 3 * e - 2])\n"
@@ -114,11 +118,8 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "  ek[e], ea[e], el[e] = k, amt, l\n"
 "end\n"
 "\n"
-"local nc = 0\n"
-"for j = 1, m do nc = nc + tonumber(ARGV[nb + j]) end\n"
-"\n"
 "for i = 1, nc do\n"
-"  local l = tonumber(ARGV[cb + i])\n"
+"  local l = cl[i] + 1\n"
 "  local a, k = la[l], KEYS[f + i]\n"
 "  cl[i] = l\n"
 "  if a ~= 2 then\n"
@@ -219,7 +220,7 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "local out, o, c0, r = {now}, 1, 0, {}\n"
 "\n"
 "for j = 1, m do\n"
-"  local n = tonumber(ARGV[nb + j])\n"
+"  local n = byte(ns, j)\n"
 "  local st = 0\n"
 "  for i = c0 + 1, c0 + n do\n"
 "    local l = cl[i]\n"

@@ -116,7 +116,7 @@ main(int argc, char **argv)
     int            nkeys, nq[MAXREQ], rej[MAXREQ];
     long           total, refunds;
     char          *script, keys[3][64], nums[9][32], nn[MAXREQ + 4][32],
-                   lim[3][8];
+                   lim[3][8], ns[MAXREQ], cs[3 * MAXREQ];
     int64_t        now, dt;
     size_t         al[32 + 5 * MAXREQ * 3];
     const char    *av[32 + 5 * MAXREQ * 3];
@@ -247,15 +247,18 @@ main(int argc, char **argv)
                 }
             }
 
-            for (q = 0; q < m; q++) {
-                av[ac] = nn[q]; al[ac++] = strlen(nn[q]);
-            }
+            /* a byte per request, its counters; per counter, its limit */
 
-            for (q = 0; q < m; q++) {
+            for (q = 0, j = 0; q < m; q++) {
+                ns[q] = (char) nq[q];
+
                 for (i = 0; i < nq[q]; i++) {
-                    av[ac] = lim[i]; al[ac++] = strlen(lim[i]);
+                    cs[j++] = (char) i;
                 }
             }
+
+            av[ac] = ns; al[ac++] = m;
+            av[ac] = cs; al[ac++] = j;
 
             av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
 
@@ -380,6 +383,8 @@ main(int argc, char **argv)
                     av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
                 }
 
+                av[ac] = ""; al[ac++] = 0;      /* no request, no counter */
+                av[ac] = ""; al[ac++] = 0;
                 av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
 
                 r = redisCommandArgv(rc, ac, av, al);

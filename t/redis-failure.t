@@ -599,14 +599,14 @@ sub count_re {
         }
 
         if ($cmd eq 'EVAL') {
-            # ARGV: m, L limits, f entries, 4 per limit, 3 per entry, the
-            # requests' counts of counters
+            # ARGV: m, L limits, f entries, 4 per limit, 3 per entry, a
+            # byte per request: its number of counters
             my $nkeys = $a->[2];
             my ($m, $l, $f) = @$a[3 + $nkeys .. 5 + $nkeys];
-            my $nb = 6 + $nkeys + 4 * $l + 3 * $f;
+            my $ns = $a->[6 + $nkeys + 4 * $l + 3 * $f];
             my $r = '*' . (1 + $m + 2 * ($nkeys - $f)) . "\r\n$now";
-            for my $j (0 .. $m - 1) {
-                $r .= ":0\r\n" . (":2\r\n:1000\r\n" x $a->[$nb + $j]);
+            for my $n (unpack 'C*', $ns) {
+                $r .= ":0\r\n" . (":2\r\n:1000\r\n" x $n);
             }
             return $r;
         }
