@@ -39,8 +39,9 @@
  * or of the next for sliding: the "previous" count is the previous
  * window's key) and never rewritten but by INCRBY; gcra: KEY holds the
  * theoretical arrival time in microseconds.  All keys of a call are read
- * by one MGET; a request counted writes one command per counter (and a
- * PEXPIRE for a window's first count); a rejected one writes nothing.
+ * by one MGET; a request counted writes one command per counter: INCRBY,
+ * or for a window's first count a SET with its TTL (gcra: a SET); a
+ * rejected one writes nothing.
  *
  * An entry corrects a count: a negative amount takes back (a refund is
  * -cost) from the window the count went into if that window still counts
@@ -146,17 +147,14 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "  return max(e - now, 1)\n"
 "end\n"
 "\n"
-"local function expire(k, l)\n"
-"  if la[l] == 0 then\n"
-"    call('PEXPIRE', k, px(lw[l] + 2 * lP[l]))\n"
-"  else\n"
-"    call('PEXPIRE', k, px(lw[l] + lP[l]))\n"
-"  end\n"
+"local function ttl(l)\n"
+"  if la[l] == 0 then return px(lw[l] + 2 * lP[l]) end\n"
+"  return px(lw[l] + lP[l])\n"
 "end\n"
 "\n"
 "local function add(k, l, x, c)\n"
 "  local r = call('INCRBY', k, c)\n"
-"  if x == 0 then expire(k, l) end\n"
+"  if x == 0 then call('PEXPIRE', k, ttl(l)) end\n"
 "  v[k] = r\n"
 "end\n"
 "\n"
@@ -252,8 +250,12 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "        x = max(x, N) + c * lT[l]\n"
 "        gset(k, x)\n"
 "      else\n"
-"        x = call('INCRBY', k, lk[l])\n"
-"        if x == c then expire(k, l) end\n"
+"        if x == 0 then\n"
+"          call('SET', k, lk[l], 'PX', ttl(l))\n"
+"          x = c\n"
+"        else\n"
+"          x = call('INCRBY', k, lk[l])\n"
+"        end\n"
 "        v[k] = x\n"
 "      end\n"
 "      u = u - c\n"
