@@ -33,8 +33,9 @@
  * A counter costs one argument, its key; bytes, not numbers, say which
  * request and limit it belongs to (no string to number conversion).
  *
- * State.  fixed and sliding: one integer key per window, KEY:INDEX (INDEX
- * = floor(now / PERIOD)), INCRBY'd by the cost of each counted request,
+ * State.  fixed and sliding: one integer key per window, KEY:fINDEX or
+ * KEY:sINDEX (INDEX = floor(now / PERIOD); the letter, so that a change of
+ * algorithm starts afresh), INCRBY'd by the cost of each counted request,
  * created with a TTL at which it no longer matters (the end of the window,
  * or of the next for sliding: the "previous" count is the previous
  * window's key) and never rewritten but by INCRBY; gcra: KEY holds the
@@ -78,7 +79,8 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "  else\n"
 "    local w = now - now % P\n"
 "    local i = floor(now / P)\n"
-"    lw[l], lx[l], sc[l], sp[l] = w, i, ':' .. i, ':' .. (i - 1)\n"
+"    local t = a == 0 and ':s' or ':f'\n"
+"    lw[l], lx[l], sc[l], sp[l] = w, i, t .. i, t .. (i - 1)\n"
 "    if a == 0 then\n"
 "      local u = 1\n"
 "      while floor(P / u) >= 16777216 do u = u * 2 end\n"

@@ -57,7 +57,7 @@ sub count_re {
 
 
 # what Redis counted under a prefix (one counter): the sum of its window
-# keys, PREFIX{hash}:PERIOD:WINDOW, the current and the previous window of
+# keys, PREFIX{hash}:PERIOD:sWINDOW, the current and the previous window of
 # the sliding window, so that an hour boundary inside the test changes
 # nothing
 sub redis_count {
@@ -66,7 +66,7 @@ sub redis_count {
     my @k = grep { index($_, $prefix) == 0 } $rd->keys;
     return 0 unless @k;
 
-    my %counters = map { (s/:\d+$//r => 1) } @k;
+    my %counters = map { (s/:[fs]\d+$//r => 1) } @k;
     return "keys: @k" if keys %counters > 1;
 
     my $n = 0;
@@ -193,7 +193,8 @@ my $SERVER = q{
 
     # the late replies counted the three requests the fallback admitted:
     # once in Redis, once in shared memory, as any admitted request
-    my ($k2key) = map { s/:\d+$//r } grep { /^l:/ && !$before{$_} } $rd->keys;
+    my ($k2key) = map { s/:[fs]\d+$//r } grep { /^l:/ && !$before{$_} }
+                  $rd->keys;
     is(wait_count($rd, $k2key // 'none', 3), 3,
        'the three counted once in Redis');
     is_deeply([ run($c, 'GET /l', 1, 'X-Api-Key' => $k2) ],
