@@ -270,11 +270,10 @@ deb: deps
 # runs FUZZ_TIME seconds from its seed corpus t/fuzz/corpus/NAME (what it
 # finds new goes to $(FUZZ)/corpus/NAME, crashes to $(FUZZ)/crashes/);
 # a crash fails the target: add its input to the seed corpus once fixed.
-# Not there yet (other issues): the key-directory loader, the token-usage
-# scanner and the usage API's parser; a harness for each goes in t/fuzz/
-# and its name in FUZZERS.
+# Not there yet (other issues): the key-directory loader and the usage
+# API's parser; a harness for each goes in t/fuzz/ and its name in FUZZERS.
 FUZZ        = $(BUILD)/fuzz
-FUZZERS     = fuzz_rules fuzz_redis fuzz_algo
+FUZZERS     = fuzz_rules fuzz_redis fuzz_algo fuzz_tokens
 FUZZ_TIME  ?= 45
 FUZZ_SAN    = -fsanitize=address,undefined -fno-omit-frame-pointer \
               -fno-sanitize-recover=undefined

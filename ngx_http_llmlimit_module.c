@@ -55,6 +55,7 @@ static ngx_http_llmlimit_ctx_t *ngx_http_llmlimit_get_ctx(
     ngx_http_request_t *r);
 static void ngx_http_llmlimit_cleanup(void *data);
 static ngx_int_t ngx_http_llmlimit_header_filter(ngx_http_request_t *r);
+static ngx_int_t ngx_http_llmlimit_log_handler(ngx_http_request_t *r);
 
 static ngx_int_t ngx_http_llmlimit_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
@@ -82,6 +83,8 @@ static char *ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd,
 static char *ngx_http_llmlimit_log_limit(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_llmlimit_phase(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_llmlimit_tokens(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_llmlimit_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_init(ngx_conf_t *cf);
@@ -182,7 +185,7 @@ static ngx_command_t  ngx_http_llmlimit_commands[] = {
       NULL },
 
     { ngx_string("llmlimit_headers"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE123,
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
       ngx_http_llmlimit_headers,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
@@ -194,6 +197,20 @@ static ngx_command_t  ngx_http_llmlimit_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_llmlimit_loc_conf_t, phase),
       &ngx_http_llmlimit_phases },
+
+    { ngx_string("llmlimit_tokens"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_llmlimit_tokens,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llmlimit_loc_conf_t, tokens),
+      NULL },
+
+    { ngx_string("llmlimit_tokens_estimate"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llmlimit_loc_conf_t, tokens_estimate),
+      NULL },
 
       ngx_null_command
 };
@@ -256,6 +273,7 @@ static char  *ngx_http_llmlimit_algorithms[] = {
 #define NGX_HTTP_LLMLIMIT_VAR_REMAINING   3
 #define NGX_HTTP_LLMLIMIT_VAR_RESET       4
 #define NGX_HTTP_LLMLIMIT_VAR_PLAN        5
+#define NGX_HTTP_LLMLIMIT_VAR_TOKENS      6
 
 
 static ngx_http_variable_t  ngx_http_llmlimit_vars[] = {
@@ -277,6 +295,9 @@ static ngx_http_variable_t  ngx_http_llmlimit_vars[] = {
 
     { ngx_string("llmlimit_plan"), NULL, ngx_http_llmlimit_variable,
       NGX_HTTP_LLMLIMIT_VAR_PLAN, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llmlimit_tokens"), NULL, ngx_http_llmlimit_variable,
+      NGX_HTTP_LLMLIMIT_VAR_TOKENS, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -443,7 +464,7 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
     uint64_t                      hash[2];
     ngx_str_t                     identity, plan;
     ngx_int_t                     rc;
-    ngx_uint_t                    i, j, n, m, matched;
+    ngx_uint_t                    i, j, n, m, matched, estimate;
     ngx_http_llmlimit_rule_t     *rule, *rules[NGX_HTTP_LLMLIMIT_MAX_TABLES];
     ngx_http_llmlimit_zone_t     *zone;
     ngx_http_llmlimit_batch_t    *b;
@@ -454,6 +475,7 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
     ngx_str_t                     ids[NGX_HTTP_LLMLIMIT_MAX_TABLES];
 
     tables = llcf->tables->elts;
+    estimate = NGX_CONF_UNSET_UINT;
     n = 0;
     m = 0;
     matched = 0;
@@ -545,6 +567,20 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
             c->reset = 0;
             c->retry = 0;
             c->rejected = 0;
+            c->tokens = lims[i]->limits[j].tokens ? 1 : 0;
+            c->cost = 1;
+
+            if (c->tokens) {
+                /* a token budget counts the estimate on admission */
+
+                if (estimate == NGX_CONF_UNSET_UINT) {
+                    estimate = ngx_http_llmlimit_tokens_estimate(r, llcf);
+                    ctx->estimate = estimate;
+                }
+
+                c->cost = ngx_min(estimate, c->count);
+                ctx->has_tokens = 1;
+            }
         }
     }
 
@@ -977,7 +1013,37 @@ ngx_http_llmlimit_header_filter(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
+    if (ngx_http_llmlimit_tokens_header(r, llcf, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_http_next_header_filter(r);
+}
+
+
+/*
+ * The end of a request, its one place: the token budgets are charged what
+ * it used (ngx_http_llmlimit_tokens_end() sets ctx->tokens, and
+ * ctx->charged if there was anything to charge); whatever else counts
+ * the request at its end goes here too, after it.
+ */
+
+static ngx_int_t
+ngx_http_llmlimit_log_handler(ngx_http_request_t *r)
+{
+    ngx_http_llmlimit_ctx_t  *ctx;
+
+    ctx = ngx_http_llmlimit_get_ctx(r);
+
+    if (ctx == NULL || !ctx->decided) {
+        return NGX_OK;
+    }
+
+    if (ctx->has_tokens) {
+        ngx_http_llmlimit_tokens_end(r, ctx);
+    }
+
+    return NGX_OK;
 }
 
 
@@ -1023,7 +1089,21 @@ ngx_http_llmlimit_variable(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    if (s == NULL) {
+    if (data == NGX_HTTP_LLMLIMIT_VAR_TOKENS) {
+        if (!ctx->charged) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->len = ngx_sprintf(p, "%ui", ctx->tokens) - p;
+        v->data = p;
+
+    } else if (s == NULL) {
         if (c == NULL) {
             v->not_found = 1;
             return NGX_OK;
@@ -1122,6 +1202,8 @@ ngx_http_llmlimit_create_loc_conf(ngx_conf_t *cf)
     conf->headers = NGX_CONF_UNSET_UINT;
     conf->reset_epoch = NGX_CONF_UNSET_UINT;
     conf->phase = NGX_CONF_UNSET_UINT;
+    conf->tokens = NGX_CONF_UNSET_PTR;
+    conf->tokens_estimate = NGX_CONF_UNSET_PTR;
 
     return conf;
 }
@@ -1141,6 +1223,9 @@ ngx_http_llmlimit_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_uint_value(conf->log_limit, prev->log_limit, 100);
     ngx_conf_merge_uint_value(conf->phase, prev->phase,
                               NGX_HTTP_LLMLIMIT_PHASE_PREACCESS);
+    ngx_conf_merge_ptr_value(conf->tokens, prev->tokens, NULL);
+    ngx_conf_merge_ptr_value(conf->tokens_estimate, prev->tokens_estimate,
+                             NULL);
 
     if (conf->headers == NGX_CONF_UNSET_UINT) {
         conf->headers = prev->headers;
@@ -1678,7 +1763,7 @@ ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     u_char      *p;
     ngx_str_t   *value, prefix, *h;
-    ngx_uint_t   i, upper;
+    ngx_uint_t   i, f, first, upper;
 
     static char  *suffixes[] = { "-Limit", "-Remaining", "-Reset" };
 
@@ -1688,29 +1773,50 @@ ngx_http_llmlimit_headers(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     value = cf->args->elts;
 
-    if (ngx_strcmp(value[1].data, "x") == 0) {
-        llcf->headers = NGX_HTTP_LLMLIMIT_HEADERS_X;
+    /* formats, combined: "ietf openai", "x anthropic", or "off" alone */
 
-    } else if (ngx_strcmp(value[1].data, "ietf") == 0) {
-        llcf->headers = NGX_HTTP_LLMLIMIT_HEADERS_IETF;
+    llcf->headers = 0;
 
-    } else if (ngx_strcmp(value[1].data, "both") == 0) {
-        llcf->headers = NGX_HTTP_LLMLIMIT_HEADERS_X
-                        | NGX_HTTP_LLMLIMIT_HEADERS_IETF;
+    for (i = 1; i < cf->args->nelts; i++) {
 
-    } else if (ngx_strcmp(value[1].data, "off") == 0) {
-        llcf->headers = 0;
+        if (ngx_strcmp(value[i].data, "x") == 0) {
+            f = NGX_HTTP_LLMLIMIT_HEADERS_X;
 
-    } else {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid value \"%V\"", &value[1]);
-        return NGX_CONF_ERROR;
+        } else if (ngx_strcmp(value[i].data, "ietf") == 0) {
+            f = NGX_HTTP_LLMLIMIT_HEADERS_IETF;
+
+        } else if (ngx_strcmp(value[i].data, "both") == 0) {
+            f = NGX_HTTP_LLMLIMIT_HEADERS_X | NGX_HTTP_LLMLIMIT_HEADERS_IETF;
+
+        } else if (ngx_strcmp(value[i].data, "openai") == 0) {
+            f = NGX_HTTP_LLMLIMIT_HEADERS_OPENAI;
+
+        } else if (ngx_strcmp(value[i].data, "anthropic") == 0) {
+            f = NGX_HTTP_LLMLIMIT_HEADERS_ANTHROPIC;
+
+        } else if (ngx_strcmp(value[i].data, "off") == 0
+                   && cf->args->nelts == 2)
+        {
+            return NGX_CONF_OK;
+
+        } else if (i > 1 && ngx_strchr(value[i].data, '=') != NULL) {
+            break;
+
+        } else {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid value \"%V\"", &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        llcf->headers |= f;
     }
+
+    first = i;
 
     ngx_str_set(&prefix, "X-RateLimit");
     llcf->reset_epoch = 0;
 
-    for (i = 2; i < cf->args->nelts; i++) {
+    for (i = first; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "prefix=", 7) == 0
             && value[i].len > 7)
@@ -1780,6 +1886,39 @@ invalid:
 }
 
 
+/* llmlimit_tokens auto | $VALUE */
+
+static char *
+ngx_http_llmlimit_tokens(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llmlimit_loc_conf_t *llcf = conf;
+
+    ngx_str_t  *value;
+
+    if (llcf->tokens != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "auto") == 0) {
+        llcf->tokens = NULL;
+        return NGX_CONF_OK;
+    }
+
+    if (value[1].len == 0 || value[1].data[0] != '$') {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid value \"%V\": expected \"auto\" or "
+                           "a value with variables", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->tokens = NGX_CONF_UNSET_PTR;
+
+    return ngx_http_set_complex_value_slot(cf, cmd, conf);
+}
+
+
 static ngx_int_t
 ngx_http_llmlimit_add_variables(ngx_conf_t *cf)
 {
@@ -1802,7 +1941,7 @@ ngx_http_llmlimit_add_variables(ngx_conf_t *cf)
 static ngx_int_t
 ngx_http_llmlimit_init(ngx_conf_t *cf)
 {
-    ngx_uint_t                        i;
+    ngx_uint_t                        i, n;
     ngx_http_handler_pt              *h;
     ngx_http_core_main_conf_t        *cmcf;
     ngx_http_llmlimit_zone_decl_t   **zones;
@@ -1865,6 +2004,19 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
 
     *h = ngx_http_llmlimit_preaccess_handler;
 
+    /* first in the log phase: the access log writes $llmlimit_tokens */
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    n = cmcf->phases[NGX_HTTP_LOG_PHASE].handlers.nelts;
+    h = cmcf->phases[NGX_HTTP_LOG_PHASE].handlers.elts;
+
+    ngx_memmove(&h[1], &h[0], (n - 1) * sizeof(ngx_http_handler_pt));
+    h[0] = ngx_http_llmlimit_log_handler;
+
     if (lmcf->phase_access) {
         h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
         if (h == NULL) {
@@ -1877,7 +2029,7 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
     ngx_http_next_header_filter = ngx_http_top_header_filter;
     ngx_http_top_header_filter = ngx_http_llmlimit_header_filter;
 
-    return NGX_OK;
+    return ngx_http_llmlimit_tokens_init(cf);
 }
 
 

@@ -19,6 +19,8 @@
 --   distinct=1 the "distinct" workload instead of the mix: every request is
 --              POST /runs/query with its own x-api-key, key after key, so
 --              no two requests in flight share a counter (size: keys)
+--   chat=1     the LLM mix instead: GET /v1/chat/completions with an API
+--              key, for the token-budget scenarios
 
 local types = {
     -- method     path                            identity
@@ -143,6 +145,10 @@ function init(args)
             warmup = value ~= "0"
         elseif name == "distinct" then
             distinct = value ~= "0"
+        elseif name == "chat" then
+            if value ~= "0" then
+                types = { { "GET", "/v1/chat/completions", "key" } }
+            end
         else
             error("requests.lua: unknown argument " .. a)
         end

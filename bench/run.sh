@@ -21,7 +21,7 @@ PORT=${BENCH_PORT:-18480}
 REDIS_PORT=${BENCH_REDIS_PORT:-18479}
 NGINX=${BENCH_NGINX:-/usr/sbin/nginx}
 MODULE=${BENCH_MODULE:-$ROOT/build/ngx_http_llmlimit_module.so}
-SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject llmlimit-reject-quiet distinct-bare distinct-shm distinct-redis distinct-lua}
+SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject llmlimit-reject-quiet llmlimit-body llmlimit-tokens distinct-bare distinct-shm distinct-redis distinct-lua}
 PARTS=${BENCH_PARTS:-throughput fill callgrind chart}
 CG_REQUESTS=${BENCH_CALLGRIND_REQUESTS:-20000}
 FILL_ZONE=${BENCH_FILL_ZONE:-4m}
@@ -184,6 +184,7 @@ uses_module() {
 # $1 scenario, $2 mode (bench | callgrind | fill), $3 directory
 write_conf() {
     local scn=$1 mode=$2 dir=$3 load="" http="" loc="" master=on
+    local content=/.bench-none
 
     mkdir -p "$dir/html"
     chmod 755 "$dir" "$dir/html"
@@ -250,6 +251,25 @@ $(langsmith_table $limits "$params")"
             llmlimit_log_limit off;" ;;
         esac
         ;;
+    llmlimit-body | llmlimit-tokens | llmlimit-body-64k | llmlimit-tokens-64k)
+        # an LLM API: every response a JSON body with usage at its end (1 KB,
+        # or 64 KB), GET /v1/chat/completions by 10 000 API keys; -body
+        # limits requests only, -tokens adds a token budget, so that every
+        # response is read by the usage scanner and charged
+        local size=1024 tokens=""
+        case $scn in *-64k) size=65536 ;; esac
+        case $scn in llmlimit-tokens*) tokens=",2000000000tokens/60s" ;; esac
+        usage_body "$size" > "$dir/html/usage.json"
+        chmod 644 "$dir/html/usage.json"
+        load="load_module $MODULE;"
+        http="llmlimit_zone bench 64m;
+    llmlimit_rules chat zone=bench {
+        \"Chat\"  GET  /v1/chat/completions  \$http_x_api_key  100000000/60s$tokens;
+    }
+    sendfile off;"
+        loc="llmlimit chat;"
+        content="/usage.json"
+        ;;
     fill)
         load="load_module $MODULE;"
         http="llmlimit_zone fill $FILL_ZONE;
@@ -299,11 +319,37 @@ http {
 
         location / {
             $loc
-            try_files  /.bench-none =204;
+            try_files  $content =204;
         }
     }
 }
 EOF
+}
+
+
+# $1 bytes: an OpenAI chat completion of about that size, the usage last
+usage_body() {
+    perl -e '
+        my $n = shift;
+        my $head = q({"id":"chatcmpl-bench","object":"chat.completion",)
+                 . q("model":"bench","choices":[{"index":0,"message":)
+                 . q({"role":"assistant","content":");
+        my $tail = q("},"finish_reason":"stop"}],"usage":{"prompt_tokens":)
+                 . q(12,"completion_tokens":30,"total_tokens":42}});
+        my $fill = $n - length($head) - length($tail) - 1;
+        my $text = substr("The quick brown fox jumps over the lazy dog. "
+                          x ($fill / 45 + 1), 0, $fill);
+        print $head, $text, $tail, "\n";
+    ' "$1"
+}
+
+
+# the wrk mix of a scenario: the LLM one for the token scenarios
+wrk_mix() {
+    case $1 in
+    llmlimit-body* | llmlimit-tokens*) WRK_MIX="chat=1" ;;
+    *) WRK_MIX="chat=0" ;;
+    esac
 }
 
 
@@ -416,7 +462,7 @@ wrk_run() {
 
     taskset -c "$CLIENT_CPU" wrk -t1 -c"$conns" -d"$dur" --latency \
         --timeout 10s -s "$BENCH/requests.lua" "http://127.0.0.1:$PORT/" \
-        -- keys="$KEYS" pipeline="$PIPELINE" "$@"
+        -- keys="$KEYS" pipeline="$PIPELINE" "${WRK_MIX:-chat=0}" "$@"
 }
 
 
@@ -436,11 +482,16 @@ field() {
 
 # $1 scenario; after warm-up. Prints nothing, returns 1 with a note if wrong.
 check_scenario() {
-    local scn=$1 hdr code want=204
+    local scn=$1 hdr code want=204 method=POST uri=/runs/query
 
-    hdr=$(curl -s -D - -o /dev/null -m 5 -X POST \
+    case $scn in
+    llmlimit-body* | llmlimit-tokens*)
+        want=200 method=GET uri=/v1/chat/completions ;;
+    esac
+
+    hdr=$(curl -s -D - -o /dev/null -m 5 -X "$method" \
           -H "x-api-key: lsv2_pt_00000012bench-sanity" \
-          "http://127.0.0.1:$PORT/runs/query") || true
+          "http://127.0.0.1:$PORT$uri") || true
     code=$(printf '%s' "$hdr" | sed -n '1s/^HTTP[^ ]* \([0-9]*\).*/\1/p')
 
     case $scn in llmlimit-reject*) want=429 ;; esac
@@ -529,6 +580,7 @@ throughput() {
         for scn in "${order[@]}"; do
             case $skip in *" $scn "*) continue ;; esac
             dir=$RUN/$scn
+            wrk_mix "$scn"
 
             if uses_redis "$scn"; then redis_cli flushall >/dev/null; fi
 
@@ -652,6 +704,8 @@ my @sorted = grep { $rows{$_} }
              qw(bare limit_req llmlimit-shm llmlimit-shm-keys llmlimit-redis
                 llmlimit-reject
                 llmlimit-reject-quiet llmlimit-reject-logall
+                llmlimit-body llmlimit-tokens llmlimit-body-64k
+                llmlimit-tokens-64k
                 distinct-bare distinct-shm distinct-redis distinct-lua);
 my %known = map { $_ => 1 } @sorted;
 push @sorted, grep { !$known{$_} } @order;
@@ -789,6 +843,7 @@ callgrind() {
         fi
 
         dir=$RUN/cg-$scn
+        wrk_mix "$scn"
         write_conf "$scn" callgrind "$dir"
         if ! "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" \
                 2> "$dir/test.log"

@@ -45,10 +45,19 @@ typedef struct ngx_http_llmlimit_redis_s  ngx_http_llmlimit_redis_t;
 typedef struct ngx_http_llmlimit_store_s  ngx_http_llmlimit_store_t;
 
 
-/* one COUNT/PERIOD */
+/*
+ * The largest COUNT of a token budget, and the most tokens one request is
+ * charged (src/ngx_http_llmlimit_algo.c: an overdraft is remembered up to
+ * one more COUNT, so counts stay below 2^32)
+ */
+#define NGX_HTTP_LLMLIMIT_MAX_TOKENS      0x7fffffff
+
+
+/* one COUNT/PERIOD, or COUNTtokens/PERIOD */
 typedef struct {
     ngx_uint_t                      count;
     ngx_msec_t                      period;
+    ngx_uint_t                      tokens;        /* a token budget */
     ngx_str_t                       json;          /* 429 body, set by lead */
 } ngx_http_llmlimit_limit_t;
 
@@ -148,6 +157,9 @@ typedef struct {
     ngx_msec_t                      period;
     ngx_uint_t                      count;
     ngx_uint_t                      algorithm;
+    ngx_uint_t                      cost;          /* counted on admission:
+                                                      1, or the tokens
+                                                      estimated */
     ngx_http_llmlimit_table_t      *table;
     ngx_http_llmlimit_rule_t       *rule;
     ngx_http_llmlimit_limit_t      *limit;
@@ -156,6 +168,7 @@ typedef struct {
     ngx_msec_t                      reset;         /* until one more fits */
     ngx_msec_t                      retry;         /* until 1 fits, if not */
     unsigned                        rejected:1;
+    unsigned                        tokens:1;      /* a token budget */
 } ngx_http_llmlimit_counter_t;
 
 
@@ -204,6 +217,12 @@ struct ngx_http_llmlimit_batch_s {
  * still make (a reply owed after a timeout) is taken back when it is
  * known.  Calling it again does nothing.
  *
+ * charge() charges the token budgets of a batch that was let through with
+ * what the request used, "tokens", when it ends: each token counter is
+ * changed by tokens - cost (what it counted on admission, the estimate),
+ * up or down, in the store that counted it; a Redis charge rides in the
+ * next call.  Counters of requests are left alone.
+ *
  * Configuration: llmlimit_zone offers each of its "key=value" parameters
  * to the stores in the order of registration (ngx_http_llmlimit_stores[]
  * in ngx_http_llmlimit_module.c); option() returns NGX_OK if it took the
@@ -227,6 +246,8 @@ struct ngx_http_llmlimit_store_s {
                               ngx_http_llmlimit_zone_t *zone);
     ngx_int_t (*check)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
     void      (*refund)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
+    void      (*charge)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b,
+                        ngx_uint_t tokens);
     void      (*exit_process)(ngx_cycle_t *cycle,
                               ngx_http_llmlimit_zone_t *zone);
 };
@@ -272,6 +293,11 @@ void ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now);
 void ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t counted);
+void ngx_http_llmlimit_algo_charge(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t delta,
+    int64_t counted);
+void ngx_http_llmlimit_algo_peek(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now);
 int64_t ngx_http_llmlimit_algo_expires(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c);
 int64_t ngx_http_llmlimit_now(void);
@@ -284,6 +310,8 @@ void ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 void ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+void ngx_http_llmlimit_shm_tokens(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens);
 
 
 /* src/ngx_http_llmlimit_redis.c */
@@ -305,6 +333,8 @@ void ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
 
 #define NGX_HTTP_LLMLIMIT_HEADERS_X       0x01
 #define NGX_HTTP_LLMLIMIT_HEADERS_IETF    0x02
+#define NGX_HTTP_LLMLIMIT_HEADERS_OPENAI  0x04
+#define NGX_HTTP_LLMLIMIT_HEADERS_ANTHROPIC  0x08
 
 /* llmlimit_phase */
 #define NGX_HTTP_LLMLIMIT_PHASE_PREACCESS 0
@@ -322,7 +352,43 @@ typedef struct {
     ngx_str_t                       header_remaining;
     ngx_str_t                       header_reset;
     ngx_uint_t                      phase;         /* llmlimit_phase */
+    ngx_http_complex_value_t       *tokens;        /* NULL: auto */
+    ngx_http_complex_value_t       *tokens_estimate;
 } ngx_http_llmlimit_loc_conf_t;
+
+
+/*
+ * The usage scanner's state: a JSON tokenizer that keeps no text, only
+ * where it is (nesting, in a string, a key being matched, a number being
+ * read) and the usage fields read so far
+ */
+
+#define NGX_HTTP_LLMLIMIT_USAGE_FIELDS    5
+
+typedef struct {
+    uint64_t                        objects;       /* bit d: level d+1 is
+                                                      an object */
+    uint64_t                        number;
+    uint64_t                        fields[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
+    uint32_t                        depth;
+    uint32_t                        usage_depth;   /* 0: not in "usage" */
+    uint32_t                        seen;          /* bits of fields[] */
+    uint16_t                        state;
+    uint16_t                        sse;           /* state of the line */
+    uint16_t                        key;           /* candidates, bits */
+    uint16_t                        keypos;
+    uint16_t                        pending;       /* key awaiting value */
+    unsigned                        mode:2;        /* unknown, JSON, SSE */
+    unsigned                        expect_key:1;
+    unsigned                        is_key:1;
+    unsigned                        negative:1;
+    unsigned                        inexact:1;     /* fraction, exponent */
+    unsigned                        capped:1;
+    unsigned                        bad:1;         /* a field unusable */
+    unsigned                        huge:1;        /* a field too large */
+    unsigned                        unread:1;      /* a buffer not read */
+    unsigned                        cr:1;
+} ngx_http_llmlimit_usage_t;
 
 
 typedef struct {
@@ -341,7 +407,36 @@ typedef struct {
     ngx_str_t                      *category;
     ngx_str_t                       plan;
     ngx_msec_t                      retry;
+
+    ngx_http_llmlimit_usage_t      *usage;         /* the body's, "auto" */
+    ngx_uint_t                      tokens;        /* $llmlimit_tokens */
+    ngx_uint_t                      estimate;      /* counted on admission */
+    unsigned                        has_tokens:1;  /* has a token budget */
+    unsigned                        charged:1;
 } ngx_http_llmlimit_ctx_t;
+
+
+/* src/ngx_http_llmlimit_tokens.c */
+ngx_int_t ngx_http_llmlimit_tokens_init(ngx_conf_t *cf);
+ngx_int_t ngx_http_llmlimit_tokens_header(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+ngx_uint_t ngx_http_llmlimit_tokens_estimate(ngx_http_request_t *r,
+    ngx_http_llmlimit_loc_conf_t *llcf);
+void ngx_http_llmlimit_tokens_end(ngx_http_request_t *r,
+    ngx_http_llmlimit_ctx_t *ctx);
+ngx_int_t ngx_http_llmlimit_tokens_parse(u_char *p, size_t len,
+    ngx_uint_t *tokens);
+
+/*
+ * The usage scanner, on the body as it passes: feed() every buffer in
+ * order, result() at any time (NGX_OK and *tokens, NGX_DECLINED when no
+ * usable usage was read); see src/ngx_http_llmlimit_tokens.c.
+ */
+void ngx_http_llmlimit_usage_init(ngx_http_llmlimit_usage_t *u);
+void ngx_http_llmlimit_usage_feed(ngx_http_llmlimit_usage_t *u, u_char *p,
+    u_char *last);
+ngx_int_t ngx_http_llmlimit_usage_result(ngx_http_llmlimit_usage_t *u,
+    ngx_uint_t *tokens, const char **why);
 
 
 /* src/ngx_http_llmlimit_response.c */

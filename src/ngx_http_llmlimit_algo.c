@@ -21,6 +21,17 @@
  *            interval T = ceil(P / COUNT), a request fits while
  *            TAT - now <= (COUNT - 1) * T.
  *
+ * Costs.  A request limit counts 1 per request.  A token budget counts
+ * the tokens estimated on admission (c->cost, 0 without an estimate) and
+ * is charged what the request used when it ends (algo_charge(), up or
+ * down): a request fits while max(cost, 1) fits.  A charge may drive the
+ * budget past COUNT, an overdraft that later requests wait for; it is
+ * remembered up to one more COUNT (sliding and fixed: cur <= 2 COUNT;
+ * gcra: TAT <= now + 2 COUNT T), so that a wait stays within two PERIODs
+ * and counts within 2^32 (token COUNT < 2^31).  The sliding window of a
+ * token budget works in units below 2^21 ms instead of 2^24, so that
+ * prev * units stays below 2^53 in the Redis script's doubles.
+ *
  * Time never goes backwards for a counter: a "now" older than the state
  * (another worker's, a clock stepped back) counts as no time passed, and
  * a window only ever moves forward, as limit_req clamps a negative
@@ -31,8 +42,9 @@
 #include "ngx_http_llmlimit.h"
 
 
-/* keep products of counts and periods within 64 bits */
+/* keep products of counts and periods exact (see above) */
 #define NGX_HTTP_LLMLIMIT_SCALE_BITS  24
+#define NGX_HTTP_LLMLIMIT_TOKEN_BITS  21
 
 
 static void ngx_http_llmlimit_roll(ngx_http_llmlimit_state_t *st,
@@ -72,13 +84,36 @@ ngx_http_llmlimit_now(void)
 }
 
 
+/* what a counter needs to fit: 1, or a token estimate (at most COUNT) */
+
+static ngx_inline int64_t
+ngx_http_llmlimit_need(ngx_http_llmlimit_counter_t *c)
+{
+    return (c->cost > 1) ? (int64_t) ngx_min(c->cost, c->count) : 1;
+}
+
+
+/* what a counter's state holds at most: one COUNT of overdraft */
+
+static ngx_inline int64_t
+ngx_http_llmlimit_room(ngx_http_llmlimit_counter_t *c)
+{
+    return c->tokens ? 2 * (int64_t) c->count : NGX_MAX_UINT32_VALUE;
+}
+
+
 ngx_int_t
 ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now)
 {
+    int64_t  need, remaining;
+
     ngx_http_llmlimit_roll(st, c, now);
 
-    if (ngx_http_llmlimit_remaining(st, c, now) >= 1) {
+    need = ngx_http_llmlimit_need(c);
+    remaining = ngx_http_llmlimit_remaining(st, c, now);
+
+    if (remaining >= need) {
         c->rejected = 0;
         return NGX_OK;
     }
@@ -86,43 +121,41 @@ ngx_http_llmlimit_algo_check(ngx_http_llmlimit_state_t *st,
     /* the results of a counted request are set by count() */
 
     c->rejected = 1;
-    c->remaining = 0;
-    c->retry = (ngx_msec_t) ngx_http_llmlimit_wait(st, c, now, 1);
+    c->remaining = (ngx_uint_t) remaining;
+    c->retry = (ngx_msec_t) ngx_http_llmlimit_wait(st, c, now, need);
     c->reset = c->retry;
 
     return NGX_BUSY;
 }
 
 
-/* counts one request, checked or not */
+/*
+ * the results of a counter that fits, in a request that another counter
+ * rejected: nothing is counted
+ */
 
 void
-ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
+ngx_http_llmlimit_algo_peek(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now)
 {
-    int64_t  T, tat, remaining;
-
-    ngx_http_llmlimit_roll(st, c, now);
-
-    switch (c->algorithm) {
-
-    case NGX_HTTP_LLMLIMIT_GCRA:
-        T = ((int64_t) c->period * 1000 + c->count - 1) / c->count;
-        tat = ngx_max(st->t, ngx_http_llmlimit_gcra_now(st, c, now, T));
-        st->t = tat + T;
-        break;
-
-    default: /* NGX_HTTP_LLMLIMIT_FIXED, NGX_HTTP_LLMLIMIT_SLIDING */
-        if (st->cur < NGX_MAX_UINT32_VALUE) {
-            st->cur++;
-        }
-        break;
-    }
+    int64_t  remaining;
 
     remaining = ngx_http_llmlimit_remaining(st, c, now);
 
     c->remaining = (ngx_uint_t) remaining;
     c->reset = (ngx_msec_t) ngx_http_llmlimit_wait(st, c, now, remaining + 1);
+}
+
+
+/* counts one request (its cost), checked or not */
+
+void
+ngx_http_llmlimit_algo_count(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now)
+{
+    ngx_http_llmlimit_roll(st, c, now);
+    ngx_http_llmlimit_algo_charge(st, c, now, c->tokens ? c->cost : 1, 0);
+    ngx_http_llmlimit_algo_peek(st, c, now);
 }
 
 
@@ -136,19 +169,65 @@ void
 ngx_http_llmlimit_algo_refund(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t counted)
 {
-    int64_t  T;
+    ngx_http_llmlimit_algo_charge(st, c, counted,
+                                  c->tokens ? -(int64_t) c->cost : -1,
+                                  counted);
+}
+
+
+/*
+ * Adds delta to a counter at "now": up to the state's room; a negative
+ * delta takes back from what was counted at "counted", as refund().
+ */
+
+void
+ngx_http_llmlimit_algo_charge(ngx_http_llmlimit_state_t *st,
+    ngx_http_llmlimit_counter_t *c, int64_t now, int64_t delta,
+    int64_t counted)
+{
+    int64_t  T, us, tat, room;
+
+    if (delta == 0) {
+        return;
+    }
+
+    room = ngx_http_llmlimit_room(c);
 
     switch (c->algorithm) {
 
     case NGX_HTTP_LLMLIMIT_GCRA:
         T = ((int64_t) c->period * 1000 + c->count - 1) / c->count;
-        st->t -= T;
+
+        if (delta < 0) {
+            st->t -= ngx_min(-delta, (int64_t) c->count) * T;
+            break;
+        }
+
+        us = ngx_http_llmlimit_gcra_now(st, c, now, T);
+        tat = ngx_max(st->t, us);
+
+        if (c->tokens) {
+            st->t = tat + ngx_min(delta, room - (tat - us) / T) * T;
+
+        } else {
+            st->t = tat + delta * T;
+        }
+
         break;
 
     default: /* NGX_HTTP_LLMLIMIT_FIXED, NGX_HTTP_LLMLIMIT_SLIDING */
-        if (st->t == counted - counted % (int64_t) c->period && st->cur > 0) {
-            st->cur--;
+
+        if (delta < 0) {
+            if (st->t == counted - counted % (int64_t) c->period) {
+                st->cur -= (uint32_t) ngx_min(-delta, (int64_t) st->cur);
+            }
+
+            break;
         }
+
+        ngx_http_llmlimit_roll(st, c, now);
+
+        st->cur = (uint32_t) ngx_min((int64_t) st->cur + delta, room);
         break;
     }
 }
@@ -206,7 +285,8 @@ ngx_http_llmlimit_roll(ngx_http_llmlimit_state_t *st,
 
 /*
  * GCRA's "now", microseconds.  The TAT is never more than COUNT emission
- * intervals ahead of a clock that only moves forward: one further ahead
+ * intervals ahead of a clock that only moves forward (2 COUNT for a token
+ * budget, which may be overdrawn): one further ahead
  * was set by a clock that has stepped back since, and that now counts as
  * no time passed, so that waits stay within a PERIOD.
  */
@@ -215,23 +295,29 @@ static ngx_inline int64_t
 ngx_http_llmlimit_gcra_now(ngx_http_llmlimit_state_t *st,
     ngx_http_llmlimit_counter_t *c, int64_t now, int64_t T)
 {
-    return ngx_max(now * 1000, st->t - (int64_t) c->count * T);
+    return ngx_max(now * 1000,
+                   st->t - (int64_t) c->count * T * (c->tokens ? 2 : 1));
 }
 
 
 /*
  * The sliding window works in units of u ms, u = 1 for periods up to
- * 2^24 ms (4.6 hours), so that count * period stays within 64 bits.
+ * 2^24 ms (4.6 hours; 2^21 ms, 35 minutes, for a token budget), so that
+ * count * period stays exact in the Redis script's doubles.
  */
 
 static ngx_inline int64_t
-ngx_http_llmlimit_unit(int64_t P)
+ngx_http_llmlimit_unit(ngx_http_llmlimit_counter_t *c)
 {
-    int64_t  u;
+    int64_t     u, P;
+    ngx_uint_t  bits;
 
     u = 1;
+    P = c->period;
+    bits = c->tokens ? NGX_HTTP_LLMLIMIT_TOKEN_BITS
+                     : NGX_HTTP_LLMLIMIT_SCALE_BITS;
 
-    while ((P / u) >> NGX_HTTP_LLMLIMIT_SCALE_BITS) {
+    while ((P / u) >> bits) {
         u <<= 1;
     }
 
@@ -261,7 +347,7 @@ ngx_http_llmlimit_remaining(ngx_http_llmlimit_state_t *st,
         break;
 
     default: /* NGX_HTTP_LLMLIMIT_SLIDING */
-        u = ngx_http_llmlimit_unit(c->period);
+        u = ngx_http_llmlimit_unit(c);
         P = c->period / u;
         e = ngx_min(ngx_max(now - st->t, 0) / u, P);
         used = st->cur + st->prev * ngx_max(P - 1 - e, 0) / P;
@@ -310,7 +396,7 @@ ngx_http_llmlimit_wait(ngx_http_llmlimit_state_t *st,
         break;
     }
 
-    u = ngx_http_llmlimit_unit(c->period);
+    u = ngx_http_llmlimit_unit(c);
     P = c->period / u;
     d = ngx_max(now - st->t, 0);
     e = ngx_min(d / u, P);

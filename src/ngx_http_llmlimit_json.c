@@ -36,8 +36,9 @@ ngx_http_llmlimit_json_prefix(ngx_pool_t *pool, ngx_str_t *category,
 
     ngx_http_llmlimit_json_period(period, sizeof(period), limit->period);
 
-    ngx_sprintf(message, "Rate limit exceeded: %ui request%s per %s%Z",
-                limit->count, limit->count == 1 ? "" : "s", period);
+    ngx_sprintf(message, "Rate limit exceeded: %ui %s%s per %s%Z",
+                limit->count, limit->tokens ? "token" : "request",
+                limit->count == 1 ? "" : "s", period);
 
     if (limit->period % 1000 == 0) {
         value = json_integer((json_int_t) (limit->period / 1000));

@@ -102,13 +102,16 @@
 #endif
 
 /*
- * EVALSHA sha numkeys key... m L f (algorithm period count cost)...
+ * EVALSHA sha numkeys key... m L f (kind period count cost)...
  * (limit amount time)... ns limits; the keys of a call, entries included,
  * are at most REDIS_KEYS, and so are its distinct limits
  */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
     (6 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 6 * NGX_HTTP_LLMLIMIT_REDIS_KEYS     \
      + 3 * NGX_HTTP_LLMLIMIT_REDIS_REFUNDS)
+
+/* the script's kind of a limit: the algorithm, + 4 for a token budget */
+#define NGX_HTTP_LLMLIMIT_REDIS_TOKENS      4
 
 /* Redis' time in a reply, ms, below this */
 #define NGX_HTTP_LLMLIMIT_REDIS_TIME_MAX    (1LL << 50)
@@ -174,6 +177,8 @@ typedef struct {
     ngx_msec_t                      period;
     ngx_uint_t                      count;
     ngx_uint_t                      algorithm;
+    ngx_uint_t                      cost;
+    ngx_uint_t                      tokens;
 } ngx_http_llmlimit_redis_counter_t;
 
 
@@ -199,11 +204,16 @@ struct ngx_http_llmlimit_redis_wait_s {
 };
 
 
-/* a counter to take back, counted at Redis' time "time" */
+/*
+ * A change to a counter: "amount" < 0 takes back what was counted at
+ * Redis' time "time" (a refund, or a token charge below the estimate),
+ * "amount" > 0 charges tokens at the script's time.
+ */
 
 typedef struct {
     ngx_http_llmlimit_redis_counter_t  counter;
     int64_t                            time;
+    int64_t                            amount;
 } ngx_http_llmlimit_redis_refund_t;
 
 
@@ -229,6 +239,10 @@ static ngx_int_t ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+static void ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens);
+static void ngx_http_llmlimit_redis_copy(ngx_http_llmlimit_redis_counter_t *wc,
+    ngx_http_llmlimit_counter_t *c);
 static ngx_http_llmlimit_redis_refund_t *ngx_http_llmlimit_redis_refunds(
     ngx_http_llmlimit_redis_t *redis, ngx_uint_t n);
 static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
@@ -302,6 +316,7 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
     ngx_http_llmlimit_redis_init_process,
     ngx_http_llmlimit_redis_check,
     ngx_http_llmlimit_redis_refund,
+    ngx_http_llmlimit_redis_charge,
     ngx_http_llmlimit_redis_exit_process
 };
 
@@ -321,10 +336,8 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     ngx_queue_t                        *q;
     ngx_pool_cleanup_t                 *cln;
     ngx_http_llmlimit_redis_t          *redis;
-    ngx_http_llmlimit_counter_t        *c;
     ngx_http_llmlimit_redis_call_t     *call;
     ngx_http_llmlimit_redis_wait_t     *w;
-    ngx_http_llmlimit_redis_counter_t  *wc;
 
     redis = b->zone->redis;
 
@@ -401,13 +414,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     w->refund = 0;
 
     for (i = 0; i < b->n; i++) {
-        c = &b->counters[i];
-        wc = &w->counters[i];
-
-        ngx_memcpy(wc->hash, c->hash, 16);
-        wc->period = c->period;
-        wc->count = c->count;
-        wc->algorithm = c->algorithm;
+        ngx_http_llmlimit_redis_copy(&w->counters[i], &b->counters[i]);
     }
 
     call->waits[call->nwaits++] = w;
@@ -480,12 +487,84 @@ ngx_http_llmlimit_redis_refund(ngx_http_request_t *r,
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
 
-        ngx_memcpy(rf[i].counter.hash, c->hash, 16);
-        rf[i].counter.period = c->period;
-        rf[i].counter.count = c->count;
-        rf[i].counter.algorithm = c->algorithm;
+        ngx_http_llmlimit_redis_copy(&rf[i].counter, c);
         rf[i].time = b->time;
+        rf[i].amount = -(int64_t) rf[i].counter.cost;
     }
+}
+
+
+/*
+ * The token budgets of a request let through are charged what it used:
+ * the shadow (or the local fallback) at once, Redis by entries in the
+ * open call, as refunds are; nothing else is sent for it.
+ */
+
+static void
+ngx_http_llmlimit_redis_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens)
+{
+    int64_t                             amount;
+    ngx_uint_t                          i, n;
+    ngx_http_llmlimit_counter_t        *c;
+    ngx_http_llmlimit_redis_refund_t   *rf;
+
+    if (b->local) {
+        ngx_http_llmlimit_shm_tokens(r, b, tokens);
+    }
+
+    if (!b->remote) {
+        return;
+    }
+
+    n = 0;
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+        n += (c->tokens && c->cost != tokens);
+    }
+
+    if (n == 0) {
+        return;
+    }
+
+    rf = ngx_http_llmlimit_redis_refunds(b->zone->redis, n);
+
+    if (rf == NULL) {
+        /* Redis is lost (logged once): the charge too, as refunds are */
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "llmlimit redis: cannot charge %ui tokens", tokens);
+        return;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        c = &b->counters[i];
+        amount = (int64_t) tokens - (int64_t) c->cost;
+
+        if (!c->tokens || amount == 0) {
+            continue;
+        }
+
+        ngx_http_llmlimit_redis_copy(&rf->counter, c);
+        rf->time = b->time;
+        rf->amount = amount;
+        rf++;
+    }
+}
+
+
+/* what a call sends for a counter */
+
+static void
+ngx_http_llmlimit_redis_copy(ngx_http_llmlimit_redis_counter_t *wc,
+    ngx_http_llmlimit_counter_t *c)
+{
+    ngx_memcpy(wc->hash, c->hash, 16);
+    wc->period = c->period;
+    wc->count = c->count;
+    wc->algorithm = c->algorithm;
+    wc->cost = c->tokens ? c->cost : 1;
+    wc->tokens = c->tokens;
 }
 
 
@@ -625,13 +704,14 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
 
 
 /*
- * EVALSHA sha numkeys key... m L f (algorithm period count cost)...
+ * EVALSHA sha numkeys key... m L f (kind period count cost)...
  * (limit amount time)... ns limits, or, after NOSCRIPT, the same with EVAL
- * and the script: f entries (refunds: amount -1), then m requests of n
- * counters each (keys in the same order, ns a byte per request, its n),
- * each entry and counter naming one of the call's L distinct limits
- * ("limits": a byte per counter; see ngx_http_llmlimit_redis_lua.h).
- * Keys are PREFIX{hex of the counter's hash}:PERIOD: one budget's counters
+ * and the script: f entries (refunds and token charges, signed amounts),
+ * then m requests of n counters each (keys in the same order, ns a byte
+ * per request, its n), each entry and counter naming one of the call's L
+ * distinct limits ("limits": a byte per counter; see
+ * ngx_http_llmlimit_redis_lua.h).  Keys are PREFIX{hex of the counter's
+ * hash}:PERIOD, and "t" after it for a token budget: one budget's counters
  * share a hash slot, and no identity appears in clear.
  */
 
@@ -711,11 +791,13 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
 
     for (l = 0; l < nlimits; l++) {
         c = limits[l];
-        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->algorithm);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->algorithm
+                                        + (c->tokens
+                                           ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
+                                           : 0));
         p = ngx_http_llmlimit_redis_int(redis, &a, p, c->period);
         p = ngx_http_llmlimit_redis_int(redis, &a, p, c->count);
-        argv[a] = "1";
-        argvlen[a++] = 1;
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->cost);
     }
 
     n = 0;
@@ -727,8 +809,8 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
         argvlen[k++] = p - start;
 
         p = ngx_http_llmlimit_redis_int(redis, &a, p, idx[n++] + 1);
-        argv[a] = "-1";
-        argvlen[a++] = 2;
+        p = ngx_http_llmlimit_redis_int(redis, &a, p,
+                                        call->refunds[i].amount);
         p = ngx_http_llmlimit_redis_int(redis, &a, p, call->refunds[i].time);
     }
 
@@ -801,7 +883,8 @@ ngx_http_llmlimit_redis_same(ngx_http_llmlimit_redis_counter_t *a,
     ngx_http_llmlimit_redis_counter_t *b)
 {
     return a->algorithm == b->algorithm && a->period == b->period
-           && a->count == b->count;
+           && a->count == b->count && a->cost == b->cost
+           && a->tokens == b->tokens;
 }
 
 
@@ -812,8 +895,13 @@ ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis, u_char *p,
     p = ngx_cpymem(p, redis->prefix.data, redis->prefix.len);
     *p++ = '{';
     p = ngx_hex_dump(p, c->hash, 16);
+    p = ngx_sprintf(p, "}:%M", c->period);
 
-    return ngx_sprintf(p, "}:%M", c->period);
+    if (c->tokens) {
+        *p++ = 't';
+    }
+
+    return p;
 }
 
 
@@ -1070,6 +1158,7 @@ ngx_http_llmlimit_redis_finish(ngx_http_llmlimit_redis_t *redis,
                 for (j = 0; j < w->n; j++) {
                     rf[j].counter = w->counters[j];
                     rf[j].time = call->now;
+                    rf[j].amount = -(int64_t) w->counters[j].cost;
                 }
             }
         }
@@ -2307,13 +2396,13 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->idx = ngx_pnalloc(redis->pool, NGX_HTTP_LLMLIMIT_REDIS_KEYS);
 
     /*
-     * per key (counter or entry): the key, its limit (four numbers at
-     * most), its index and an entry's two numbers; a number per request,
-     * four
+     * per key (counter or entry): the key ("t" for a token budget), its
+     * limit (four numbers at most), its index and an entry's two numbers;
+     * a number per request, four
      */
 
     size = NGX_HTTP_LLMLIMIT_REDIS_KEYS
-           * (redis->prefix.len + sizeof("{}:") - 1 + 32 + 8 * NGX_INT64_LEN)
+           * (redis->prefix.len + sizeof("{}:t") - 1 + 32 + 8 * NGX_INT64_LEN)
            + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 4) * NGX_INT64_LEN;
 
     redis->buf = ngx_pnalloc(redis->pool, size);

@@ -17,10 +17,13 @@
  *
  *   KEYS                      the f entries' keys, then the counters' keys,
  *                             request after request: PREFIX{HASH}:PERIOD
+ *                             ("t" after it for a token budget)
  *   ARGV[1], [2], [3]         m requests, L limits, f entries
- *   ARGV[4l .. 4l + 3]        limit l: algorithm (0 sliding, 1 fixed,
- *                             2 gcra), period (ms), count, cost (what a
- *                             counter of this limit counts: 1 a request)
+ *   ARGV[4l .. 4l + 3]        limit l: kind (the algorithm, 0 sliding,
+ *                             1 fixed, 2 gcra, + 4 for a token budget),
+ *                             period (ms), count, cost (what a counter of
+ *                             this limit counts: 1 a request, a token
+ *                             budget its estimate, maybe 0)
  *   ARGV[B + 3e - 2 .. 3e]    entry e (B = 3 + 4L): limit, amount (signed),
  *                             and Redis' time (ms) of the count it corrects
  *   ARGV[B + 3f + 1]          m bytes: byte j is the number of counters of
@@ -44,17 +47,27 @@
  * or for a window's first count a SET with its TTL (gcra: a SET); a
  * rejected one writes nothing.
  *
+ * Costs, as src/ngx_http_llmlimit_algo.c: a request fits a counter while
+ * min(max(cost, 1), count) fits, and counts its cost.  A token budget may
+ * be overdrawn: its state is written up to one more COUNT (a window's
+ * count up to 2 COUNT, the TAT up to now + 2 COUNT T, and the TAT counts
+ * as set by a clock stepped back only beyond that), and its sliding
+ * window works in units below 2^21 ms, so that prev * units stays exact.
+ *
  * An entry corrects a count: a negative amount takes back (a refund is
- * -cost) from the window the count went into if that window still counts
- * (the current one, or the previous for sliding), never below zero; gcra
- * moves the TAT back, no further than now.  A positive amount is charged
- * now, as a counted request is.
+ * -cost, a token charge below the estimate less) from the window the
+ * count went into if that window still counts (the current one, or the
+ * previous for sliding), never below zero; gcra moves the TAT back by up
+ * to COUNT intervals, no further than now.  A positive amount (a token
+ * charge above the estimate) is charged now, as a counted request is, up
+ * to the overdraft's room.
  *
  * Returns { now, then request after request: status 0 (counted) with
  * remaining_i, reset_i per counter; or status 1 (some counter over its
  * limit, nothing counted) with rejected_i, remaining_i, reset_i, retry_i
  * per counter }: now is Redis' time in ms (one TIME for all).  Lua numbers
- * are doubles: all values stay below 2^53 (counts below 2^29).
+ * are doubles: all values stay below 2^53 (request counts below 2^29,
+ * token counts below 2^32).
  */
 
 static const char  ngx_http_llmlimit_redis_lua[] =
@@ -64,18 +77,23 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "local now = tm[1] * 1000 + floor(tm[2] / 1000)\n"
 "local N = now * 1000\n"
 "local m, L, f = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])\n"
-"local la, lP, lC, lk, ln = {}, {}, {}, {}, {}\n"
+"local la, lP, lC, lk, ln, lt, lr, lm = {}, {}, {}, {}, {}, {}, {}, {}\n"
 "local lT, lw, lx, lu, lp, le, ld, lq, sc, sp = {}, {}, {}, {}, {}, {},\n"
 "  {}, {}, {}, {}\n"
+"local lG = {}\n"
 "\n"
 "for l = 1, L do\n"
 "  local b = 4 * l\n"
 "  local a, P, C = tonumber(ARGV[b]), tonumber(ARGV[b + 1]),\n"
 "    tonumber(ARGV[b + 2])\n"
-"  la[l], lP[l], lC[l], lk[l], ln[l] = a, P, C, ARGV[b + 3],\n"
-"    tonumber(ARGV[b + 3])\n"
+"  local k, tok = tonumber(ARGV[b + 3]), a >= 4\n"
+"  if tok then a = a - 4 end\n"
+"  la[l], lP[l], lC[l], lk[l], ln[l] = a, P, C, ARGV[b + 3], k\n"
+"  lt[l], lr[l] = tok, min(max(k, 1), C)\n"
+"  lm[l] = tok and 2 * C or 4294967295\n"
 "  if a == 2 then\n"
 "    lT[l] = floor((P * 1000 + C - 1) / C)\n"
+"    lG[l] = (tok and 2 * C or C) * lT[l]\n"
 "  else\n"
 "    local w = now - now % P\n"
 "    local i = floor(now / P)\n"
@@ -83,7 +101,8 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "    lw[l], lx[l], sc[l], sp[l] = w, i, t .. i, t .. (i - 1)\n"
 "    if a == 0 then\n"
 "      local u = 1\n"
-"      while floor(P / u) >= 16777216 do u = u * 2 end\n"
+"      local lim = tok and 2097152 or 16777216\n"
+"      while floor(P / u) >= lim do u = u * 2 end\n"
 "      local p = floor(P / u)\n"
 "      local e = min(floor((now - w) / u), p)\n"
 "      lu[l], lp[l], le[l], ld[l], lq[l] = u, p, e, now - w, max(p - 1 - e, 0)\n"
@@ -101,7 +120,9 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "  local l = tonumber(ARGV[B + 3 * e - 2])\n"
 "  local amt = tonumber(ARGV[B + 3 * e - 1])\n"
 "  local k = KEYS[e]\n"
-"  if la[l] ~= 2 then\n"
+"  if amt == 0 then\n"
+"    k = nil\n"
+"  elseif la[l] ~= 2 then\n"
 "    local i = lx[l]\n"
 "    if amt < 0 then\n"
 "      i = floor(tonumber(ARGV[B + 3 * e]) / lP[l])\n"
@@ -165,6 +186,18 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "  v[k] = t\n"
 "end\n"
 "\n"
+"local function gadd(k, l, x, c)\n"
+"  local T = lT[l]\n"
+"  local t = max(x, N)\n"
+"  if lt[l] then\n"
+"    c = min(c, lm[l] - floor((t - max(N, x - lG[l])) / T))\n"
+"    if c <= 0 then return x end\n"
+"  end\n"
+"  t = t + c * T\n"
+"  gset(k, t)\n"
+"  return t\n"
+"end\n"
+"\n"
 "local function used(l, x, y)\n"
 "  local a = la[l]\n"
 "  if a == 0 then\n"
@@ -174,7 +207,7 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "    return x\n"
 "  end\n"
 "  local T = lT[l]\n"
-"  local us = max(N, x - lC[l] * T)\n"
+"  local us = max(N, x - lG[l])\n"
 "  return floor((max(x, us) - us + T - 1) / T)\n"
 "end\n"
 "\n"
@@ -183,7 +216,7 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "  if n > C then return 0 end\n"
 "  if a == 2 then\n"
 "    local T = lT[l]\n"
-"    local us = max(N, x - C * T)\n"
+"    local us = max(N, x - lG[l])\n"
 "    local w = max(x, us) + (n - C) * T - us\n"
 "    if w <= 0 then return 0 end\n"
 "    return floor((w + 999) / 1000)\n"
@@ -210,11 +243,14 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "    if la[l] == 2 then\n"
 "      local T = lT[l]\n"
 "      if amt > 0 then\n"
-"        gset(k, max(x, N) + amt * T)\n"
+"        gadd(k, l, x, amt)\n"
 "      elseif x > N then\n"
-"        gset(k, max(x + amt * T, N))\n"
+"        gset(k, max(x - min(-amt, lC[l]) * T, N))\n"
 "      end\n"
-"    elseif amt > 0 or x > 0 then\n"
+"    elseif amt > 0 then\n"
+"      amt = min(amt, lm[l] - x)\n"
+"      if amt > 0 then add(k, l, x, amt) end\n"
+"    elseif x > 0 then\n"
 "      add(k, l, x, max(amt, -x))\n"
 "    end\n"
 "  end\n"
@@ -232,7 +268,7 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "    local u = lC[l] - used(l, v[ck[i]], y)\n"
 "    if u < 0 then u = 0 end\n"
 "    r[i] = u\n"
-"    if u < ln[l] then st = 1 end\n"
+"    if u < lr[l] then st = 1 end\n"
 "  end\n"
 "  o = o + 1\n"
 "  out[o] = st\n"
@@ -242,25 +278,39 @@ static const char  ngx_http_llmlimit_redis_lua[] =
 "    if pk[i] then y = v[pk[i]] end\n"
 "    local x, c = v[k], ln[l]\n"
 "    if st == 1 then\n"
-"      local rej, retry = 0, 0\n"
-"      if u < c then rej, retry = 1, wait(l, x, y, c) end\n"
-"      out[o + 1], out[o + 2], out[o + 3], out[o + 4] =\n"
-"        rej, u, wait(l, x, y, u + 1), retry\n"
+"      if u < lr[l] then\n"
+"        local retry = wait(l, x, y, lr[l])\n"
+"        out[o + 1], out[o + 2], out[o + 3], out[o + 4] =\n"
+"          1, u, retry, retry\n"
+"      else\n"
+"        out[o + 1], out[o + 2], out[o + 3], out[o + 4] =\n"
+"          0, u, wait(l, x, y, u + 1), 0\n"
+"      end\n"
 "      o = o + 4\n"
 "    else\n"
 "      if la[l] == 2 then\n"
-"        x = max(x, N) + c * lT[l]\n"
-"        gset(k, x)\n"
+"        x = gadd(k, l, x, c)\n"
 "      else\n"
-"        if x == 0 then\n"
-"          call('SET', k, lk[l], 'PX', ttl(l))\n"
-"          x = c\n"
-"        else\n"
-"          x = call('INCRBY', k, lk[l])\n"
+"        local d = lk[l]\n"
+"        if lt[l] then\n"
+"          c = min(c, lm[l] - x)\n"
+"          d = c\n"
 "        end\n"
-"        v[k] = x\n"
+"        if c > 0 then\n"
+"          if x == 0 then\n"
+"            call('SET', k, d, 'PX', ttl(l))\n"
+"            x = c\n"
+"          else\n"
+"            x = call('INCRBY', k, d)\n"
+"          end\n"
+"          v[k] = x\n"
+"        end\n"
 "      end\n"
-"      u = u - c\n"
+"      if lt[l] then\n"
+"        u = max(lC[l] - used(l, x, y), 0)\n"
+"      else\n"
+"        u = u - c\n"
+"      end\n"
 "      out[o + 1], out[o + 2] = u, wait(l, x, y, u + 1)\n"
 "      o = o + 2\n"
 "    end\n"

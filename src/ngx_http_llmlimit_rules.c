@@ -1307,8 +1307,8 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
     ngx_http_llmlimit_limits_t *limits)
 {
     char                       *reason;
-    u_char                     *p, *q, *d, *slash, *last;
-    ngx_int_t                   count, period;
+    u_char                     *p, *q, *d, *slash, *last, *digits;
+    ngx_int_t                   count, period, tokens;
     ngx_str_t                   item, s;
     ngx_uint_t                  j;
     ngx_http_llmlimit_limit_t  *limit;
@@ -1345,7 +1345,19 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
             goto invalid;
         }
 
-        for (d = p; d < slash; d++) {
+        /* "100000tokens/60s": a token budget */
+
+        tokens = (slash - p > 6
+                  && ngx_strncmp(slash - 6, "tokens", 6) == 0);
+
+        digits = tokens ? slash - 6 : slash;
+
+        if (digits == p) {
+            reason = "COUNT is not a positive integer";
+            goto invalid;
+        }
+
+        for (d = p; d < digits; d++) {
             if (*d < '0' || *d > '9') {
                 reason = "COUNT is not a positive integer";
                 goto invalid;
@@ -1354,12 +1366,14 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
 
         /* NGX_ERROR here is an overflow */
 
-        count = ngx_atoi(p, slash - p);
+        count = ngx_atoi(p, digits - p);
 
         if (count == NGX_ERROR || count == 0
-            || count > NGX_HTTP_LLMLIMIT_MAX_COUNT)
+            || count > (tokens ? NGX_HTTP_LLMLIMIT_MAX_TOKENS
+                               : NGX_HTTP_LLMLIMIT_MAX_COUNT))
         {
-            reason = "COUNT out of range";
+            reason = tokens ? "token COUNT out of range"
+                            : "COUNT out of range";
             goto invalid;
         }
 
@@ -1390,7 +1404,9 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
         }
 
         for (j = 0; j < limits->nlimits; j++) {
-            if (limits->limits[j].period == (ngx_msec_t) period) {
+            if (limits->limits[j].period == (ngx_msec_t) period
+                && limits->limits[j].tokens == (ngx_uint_t) tokens)
+            {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "duplicate period in limit \"%V\" "
                                    "of \"%V\"", &item, spec);
@@ -1402,6 +1418,7 @@ ngx_http_llmlimit_parse_limit_list(ngx_conf_t *cf, ngx_str_t *spec,
 
         limit->count = count;
         limit->period = (ngx_msec_t) period;
+        limit->tokens = tokens;
 
         if (q == last) {
             return NGX_CONF_OK;
@@ -1414,9 +1431,11 @@ invalid:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "invalid limit \"%V\" in llmlimit rule, %s: "
-                       "expected COUNT/PERIOD with COUNT from 1 to %d and "
-                       "PERIOD from 1ms to %dd, or \"unlimited\"",
+                       "expected COUNT/PERIOD with COUNT from 1 to %d, "
+                       "or COUNTtokens/PERIOD with COUNT from 1 to %d, "
+                       "and PERIOD from 1ms to %dd, or \"unlimited\"",
                        &item, reason, NGX_HTTP_LLMLIMIT_MAX_COUNT,
+                       NGX_HTTP_LLMLIMIT_MAX_TOKENS,
                        NGX_HTTP_LLMLIMIT_MAX_PERIOD / (24 * 60 * 60));
 
     return NGX_CONF_ERROR;

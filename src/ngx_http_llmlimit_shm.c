@@ -53,14 +53,21 @@ typedef struct {
               + sizeof(ngx_http_llmlimit_node_t), sizeof(uint64_t))
 
 
+#define NGX_HTTP_LLMLIMIT_SHM_CHECK     0
+#define NGX_HTTP_LLMLIMIT_SHM_SHADOW    1
+#define NGX_HTTP_LLMLIMIT_SHM_TOKENS    2
+
+
 static ngx_int_t ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
-    ngx_http_llmlimit_batch_t *b, ngx_uint_t charge);
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t mode, ngx_uint_t tokens);
 static ngx_int_t ngx_http_llmlimit_shm_conf_done(ngx_conf_t *cf,
     ngx_http_llmlimit_zone_t *zone);
 static ngx_int_t ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 static void ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
+static void ngx_http_llmlimit_shm_store_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens);
 static void ngx_http_llmlimit_shm_key(ngx_http_llmlimit_counter_t *c,
     uint64_t k[2]);
 static ngx_rbtree_node_t *ngx_http_llmlimit_shm_lookup(
@@ -92,18 +99,21 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_shm_store = {
     NULL,
     ngx_http_llmlimit_shm_store_check,
     ngx_http_llmlimit_shm_store_refund,
+    ngx_http_llmlimit_shm_store_charge,
     NULL
 };
 
 
 /*
- * Checks the counters of a batch and counts them all or none; with
- * "charge", counts them unchecked and leaves their results alone.
+ * CHECK: checks the counters of a batch and counts them all or none;
+ * SHADOW: counts them unchecked and leaves their results alone; TOKENS:
+ * charges the token budgets of the batch "tokens", less what they counted
+ * on admission (at b->local_time), and leaves the other counters alone.
  */
 
 static ngx_int_t
 ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
-    ngx_http_llmlimit_batch_t *b, ngx_uint_t charge)
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t mode, ngx_uint_t tokens)
 {
     time_t                        sec;
     int64_t                       now, expires;
@@ -129,6 +139,13 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
 
     for (i = 0; i < b->n; i++) {
         c = &b->counters[i];
+
+        if (mode == NGX_HTTP_LLMLIMIT_SHM_TOKENS && !c->tokens) {
+            /* not looked up: only the token budgets change */
+            nodes[i] = NULL;
+            st[i] = NULL;
+            continue;
+        }
 
         ngx_http_llmlimit_shm_key(c, k);
 
@@ -165,25 +182,50 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
             st[i] = &ln->state;
         }
 
-        if (!charge && ngx_http_llmlimit_algo_check(st[i], c, now) != NGX_OK)
+        if (mode == NGX_HTTP_LLMLIMIT_SHM_CHECK
+            && ngx_http_llmlimit_algo_check(st[i], c, now) != NGX_OK)
         {
             rc = NGX_BUSY;
         }
     }
 
+    if (rc == NGX_BUSY) {
+        /* what the counters that fit would report */
+
+        for (i = 0; i < b->n; i++) {
+            if (!b->counters[i].rejected) {
+                ngx_http_llmlimit_algo_peek(st[i], &b->counters[i], now);
+            }
+        }
+    }
+
     if (rc == NGX_OK) {
-        b->local_time = now;
+        if (mode != NGX_HTTP_LLMLIMIT_SHM_TOKENS) {
+            b->local_time = now;
+        }
 
         for (i = 0; i < b->n; i++) {
             c = &b->counters[i];
 
-            if (charge) {
+            if (st[i] == NULL) {
+                continue;
+            }
+
+            if (mode != NGX_HTTP_LLMLIMIT_SHM_CHECK) {
                 /* the results are another store's: count on a copy */
                 copy = *c;
                 c = &copy;
             }
 
-            ngx_http_llmlimit_algo_count(st[i], c, now);
+            if (mode == NGX_HTTP_LLMLIMIT_SHM_TOKENS) {
+                ngx_http_llmlimit_algo_charge(st[i], c, now,
+                                              (int64_t) tokens
+                                              - (int64_t) c->cost,
+                                              b->local_time);
+
+            } else {
+                ngx_http_llmlimit_algo_count(st[i], c, now);
+            }
 
             if (nodes[i]) {
                 expires = ngx_http_llmlimit_algo_expires(st[i], c);
@@ -212,7 +254,7 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
     }
 
     for (i = 0; i < b->n; i++) {
-        if (nodes[i] == NULL) {
+        if (nodes[i] == NULL && st[i] != NULL) {
             ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                           "llmlimit zone \"%V\" could not allocate a counter",
                           &zone->name);
@@ -265,7 +307,21 @@ void
 ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b)
 {
-    (void) ngx_http_llmlimit_shm_update(r, b, 1);
+    (void) ngx_http_llmlimit_shm_update(r, b, NGX_HTTP_LLMLIMIT_SHM_SHADOW, 0);
+}
+
+
+/*
+ * Charges the token budgets of a batch counted here (a shared-memory zone,
+ * the local fallback, or a Redis zone's shadow counters).
+ */
+
+void
+ngx_http_llmlimit_shm_tokens(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens)
+{
+    (void) ngx_http_llmlimit_shm_update(r, b, NGX_HTTP_LLMLIMIT_SHM_TOKENS,
+                                        tokens);
 }
 
 
@@ -285,7 +341,7 @@ ngx_http_llmlimit_shm_store_check(ngx_http_request_t *r,
 {
     ngx_int_t  rc;
 
-    rc = ngx_http_llmlimit_shm_update(r, b, 0);
+    rc = ngx_http_llmlimit_shm_update(r, b, NGX_HTTP_LLMLIMIT_SHM_CHECK, 0);
 
     if (rc == NGX_OK) {
         b->local = 1;
@@ -306,7 +362,17 @@ ngx_http_llmlimit_shm_store_refund(ngx_http_request_t *r,
 }
 
 
-/* one node per (budget, identity, period, algorithm) */
+static void
+ngx_http_llmlimit_shm_store_charge(ngx_http_request_t *r,
+    ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens)
+{
+    if (b->local) {
+        ngx_http_llmlimit_shm_tokens(r, b, tokens);
+    }
+}
+
+
+/* one node per (budget, identity, period, algorithm, requests or tokens) */
 
 static void
 ngx_http_llmlimit_shm_key(ngx_http_llmlimit_counter_t *c, uint64_t k[2])
@@ -315,7 +381,8 @@ ngx_http_llmlimit_shm_key(ngx_http_llmlimit_counter_t *c, uint64_t k[2])
 
     ngx_memcpy(k, c->hash, 2 * sizeof(uint64_t));
 
-    mix = ((uint64_t) c->period << 2 | c->algorithm) * 0x9e3779b97f4a7c15ULL;
+    mix = ((uint64_t) c->period << 3 | c->tokens << 2 | c->algorithm)
+          * 0x9e3779b97f4a7c15ULL;
 
     k[0] ^= mix;
     k[1] ^= mix >> 17 | mix << 47;

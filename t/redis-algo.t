@@ -112,14 +112,15 @@ main(int argc, char **argv)
         1000, 999, 7000, 10000, 60000, 3600000, 86400000, 2592000000UL
     };
 
-    int            port, it, iters, i, j, n, k, steps, ac, bad, m, q, o, w;
+    int            port, it, iters, i, j, n, k, k2, steps, ac, bad, m, q;
+    int            o, w;
     int            nkeys, nq[MAXREQ], rej[MAXREQ];
-    long           total, refunds;
-    char          *script, keys[3][64], nums[9][32], nn[MAXREQ + 4][32],
-                   lim[3][8], ns[MAXREQ], cs[3 * MAXREQ];
-    int64_t        now, dt;
-    size_t         al[32 + 5 * MAXREQ * 3];
-    const char    *av[32 + 5 * MAXREQ * 3];
+    long           total, refunds, charges;
+    char          *script, keys[3][64], nums[12][32], nn[MAXREQ + 4][32],
+                   lim[3][8], ns[MAXREQ], cs[3 * MAXREQ], amounts[3][32];
+    int64_t        now, dt, amount;
+    size_t         al[32 + 6 * MAXREQ * 3];
+    const char    *av[32 + 6 * MAXREQ * 3];
     redisReply    *r, *e;
     redisContext  *rc;
 
@@ -140,6 +141,7 @@ main(int argc, char **argv)
     bad = 0;
     total = 0;
     refunds = 0;
+    charges = 0;
 
     for (it = 0; it < iters; it++) {
         n = 1 + rand() % 3;
@@ -153,6 +155,22 @@ main(int argc, char **argv)
             c[i].period = periods[rand() % 8];
             c[i].count = (rand() % 4 == 0) ? 1 + rand() % 3
                                            : 1 + rand() % 1000;
+            c[i].cost = 1;
+
+            /* a token budget: large counts, an estimate counted */
+
+            if (rand() % 3 == 0) {
+                c[i].tokens = 1;
+
+                if (rand() % 2) {
+                    c[i].count = 1 + ((unsigned long) rand() * 4099
+                                      + rand()) % 0x7fffffff;
+                }
+
+                c[i].cost = (rand() % 3 == 0) ? 0
+                                              : rand() % (c[i].count + 1);
+            }
+
             sprintf(keys[i], "algo:%d:%d", it, i);
         }
 
@@ -202,13 +220,15 @@ main(int argc, char **argv)
 
             /*
              * the script: counter i of every request has limit i + 1
-             * (algorithm, period, count, cost 1)
+             * (kind, period, count, cost)
              */
 
             for (i = 0; i < n; i++) {
-                sprintf(nums[3 * i], "%d", (int) c[i].algorithm);
-                sprintf(nums[3 * i + 1], "%lu", (unsigned long) c[i].period);
-                sprintf(nums[3 * i + 2], "%lu", (unsigned long) c[i].count);
+                sprintf(nums[4 * i], "%d",
+                        (int) c[i].algorithm + (c[i].tokens ? 4 : 0));
+                sprintf(nums[4 * i + 1], "%lu", (unsigned long) c[i].period);
+                sprintf(nums[4 * i + 2], "%lu", (unsigned long) c[i].count);
+                sprintf(nums[4 * i + 3], "%lu", (unsigned long) c[i].cost);
                 sprintf(lim[i], "%d", i + 1);
             }
 
@@ -239,12 +259,8 @@ main(int argc, char **argv)
             av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
             av[ac] = "0"; al[ac++] = 1;     /* no entries */
 
-            for (i = 0; i < 3 * n; i++) {
+            for (i = 0; i < 4 * n; i++) {
                 av[ac] = nums[i]; al[ac++] = strlen(nums[i]);
-
-                if (i % 3 == 2) {
-                    av[ac] = "1"; al[ac++] = 1;
-                }
             }
 
             /* a byte per request, its counters; per counter, its limit */
@@ -339,21 +355,42 @@ main(int argc, char **argv)
 
             /*
              * now and then a request just counted is taken back, as when
-             * a later zone rejects it: a call of refund entries only
+             * a later zone rejects it, or its token budgets are charged
+             * what it used, up or down from the estimate: a call of
+             * refund entries only
              */
 
             q = rand() % m;
 
             if (!rej[q] && rand() % 3 == 0) {
-                refunds++;
+                k2 = rand() % 2;
+
+                if (k2) {
+                    charges++;
+                } else {
+                    refunds++;
+                }
 
                 for (i = 0; i < nq[q]; i++) {
-                    ngx_http_llmlimit_algo_refund(&st[i], &out[q][i], now);
+                    amount = -(int64_t) c[i].cost;
+
+                    if (k2 && c[i].tokens) {
+                        amount = (int64_t) (rand() % (3 * c[i].count + 1))
+                                 - (int64_t) c[i].cost;
+                        ngx_http_llmlimit_algo_charge(&st[i], &out[q][i],
+                                                      now, amount, now);
+
+                    } else {
+                        ngx_http_llmlimit_algo_refund(&st[i], &out[q][i],
+                                                      now);
+                    }
+
+                    sprintf(amounts[i], "%lld", (long long) amount);
                 }
 
                 sprintf(nn[MAXREQ + 3], "%d", nq[q]);
 
-                /* no request, nq[q] limits, nq[q] entries of -1 */
+                /* no request, nq[q] limits, nq[q] entries (signed amounts) */
 
                 ac = 0;
                 av[ac] = "EVAL"; al[ac++] = 4;
@@ -369,17 +406,15 @@ main(int argc, char **argv)
                 av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
 
                 for (i = 0; i < nq[q]; i++) {
-                    for (j = 0; j < 3; j++) {
-                        av[ac] = nums[3 * i + j];
-                        al[ac++] = strlen(nums[3 * i + j]);
+                    for (j = 0; j < 4; j++) {
+                        av[ac] = nums[4 * i + j];
+                        al[ac++] = strlen(nums[4 * i + j]);
                     }
-
-                    av[ac] = "1"; al[ac++] = 1;
                 }
 
                 for (i = 0; i < nq[q]; i++) {
                     av[ac] = lim[i]; al[ac++] = strlen(lim[i]);
-                    av[ac] = "-1"; al[ac++] = 2;
+                    av[ac] = amounts[i]; al[ac++] = strlen(amounts[i]);
                     av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
                 }
 
@@ -407,7 +442,7 @@ main(int argc, char **argv)
         }
     }
 
-    printf("refunds: %ld\n", refunds);
+    printf("refunds: %ld, charges: %ld\n", refunds, charges);
     printf("done: %ld steps, %d mismatches\n", total, bad);
 
     return bad != 0;

@@ -117,8 +117,9 @@ bad('a  *  /  $1  1/1s;', qr/invalid variable "\$1" in key "\$1"/);
 # LIMITS: each error names the range of COUNT (the Redis script keeps
 # counts below 2^29) and of PERIOD
 
-my $RANGE = 'expected COUNT/PERIOD with COUNT from 1 to 536870911 and '
-          . 'PERIOD from 1ms to 365d, or "unlimited"';
+my $RANGE = 'expected COUNT/PERIOD with COUNT from 1 to 536870911, '
+          . 'or COUNTtokens/PERIOD with COUNT from 1 to 2147483647, '
+          . 'and PERIOD from 1ms to 365d, or "unlimited"';
 
 sub bad_limit {
     my ($limits, $reason, %o) = @_;
@@ -150,6 +151,14 @@ bad_limit('1/1s,', 'not COUNT/PERIOD', item => '');
 bad_limit('1/1s,0/60s', 'COUNT out of range', item => '0/60s');
 bad_limit('hobby=1/0s  3/3s', 'PERIOD out of range', plan => 1,
           item => '1/0s');
+bad_limit('2147483648tokens/1s', 'token COUNT out of range');
+bad_limit('0tokens/1s', 'token COUNT out of range');
+bad_limit('tokens/1s', 'COUNT is not a positive integer');
+bad_limit('-5tokens/1s', 'COUNT is not a positive integer');
+bad_limit('5token/1s', 'COUNT is not a positive integer');
+bad_limit('5tokens/1x', 'PERIOD is not a time');
+bad('a  *  /  $binary_remote_addr  10tokens/60s,20tokens/1m;',
+    qr/duplicate period in limit "20tokens\/1m"/);
 bad('a  *  /  $binary_remote_addr  10/60s,20/60s;',
     qr/duplicate period in limit "20\/60s" of "10\/60s,20\/60s"/);
 bad('a  *  /  $binary_remote_addr  10/60s,20/1m;',

@@ -626,8 +626,9 @@ sub slurp {
 # conf.example
 
 # conf.example as a harness configuration: the module built here, its
-# ports (8080, 8081, 8082, 8083) replaced by %%PORT%%, %%BACKEND_PORT%%,
-# %%PORT2%%, %%PORT3%% (new() makes the ports the placeholders name), its
+# ports (8080, 8081, 8082, 8083, 8084, 8085) replaced by %%PORT%%,
+# %%BACKEND_PORT%%, %%PORT2%% to %%PORT5%% (new() makes the ports the
+# placeholders name), its
 # key directory read from the repository.
 sub conf_example {
     my $text = slurp("$ROOT/conf.example") // croak "conf.example: $!";
@@ -639,6 +640,8 @@ sub conf_example {
     $text =~ s/127\.0\.0\.1:8081\b/127.0.0.1:%%BACKEND_PORT%%/g;
     $text =~ s/127\.0\.0\.1:8082\b/127.0.0.1:%%PORT2%%/g;
     $text =~ s/127\.0\.0\.1:8083\b/127.0.0.1:%%PORT3%%/g;
+    $text =~ s/127\.0\.0\.1:8084\b/127.0.0.1:%%PORT4%%/g;
+    $text =~ s/127\.0\.0\.1:8085\b/127.0.0.1:%%PORT5%%/g;
     $text =~ s{^(\s*llmlimit_keys\s+)(keys\.example\.json)\b}
               {$1%%ROOT%%/$2}m;
 
