@@ -1033,6 +1033,11 @@ ngx_http_llmlimit_log_handler(ngx_http_request_t *r)
 {
     ngx_http_llmlimit_ctx_t  *ctx;
 
+    if (r != r->main) {
+        /* a subrequest (log_subrequest on) shares the main request's ctx */
+        return NGX_OK;
+    }
+
     ctx = ngx_http_llmlimit_get_ctx(r);
 
     if (ctx == NULL || !ctx->decided) {

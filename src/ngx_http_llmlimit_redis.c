@@ -167,6 +167,7 @@ struct ngx_http_llmlimit_redis_s {
 
     unsigned                        healthy:1;
     unsigned                        exiting:1;
+    unsigned                        moved:1;       /* reconnect at once */
 };
 
 
@@ -1424,6 +1425,9 @@ ngx_http_llmlimit_redis_found(ngx_http_llmlimit_redis_t *redis,
     redis->ac = ac;
     redis->state = NGX_HTTP_LLMLIMIT_REDIS_CONNECTING;
 
+    /* the requests that came while FINDING wait for this connection now */
+    redis->since = ngx_current_msec;
+
     redisAsyncSetConnectCallback(ac, ngx_http_llmlimit_redis_connected);
     redisAsyncSetDisconnectCallback(ac, ngx_http_llmlimit_redis_disconnected);
 
@@ -1661,6 +1665,13 @@ ngx_http_llmlimit_redis_gone(ngx_http_llmlimit_redis_t *redis,
 static void
 ngx_http_llmlimit_redis_schedule(ngx_http_llmlimit_redis_t *redis)
 {
+    if (redis->moved) {
+        /* the next turn of the event loop, out of hiredis' callbacks */
+        redis->moved = 0;
+        ngx_add_timer(&redis->event, 1);
+        return;
+    }
+
     if (redis->backoff == 0) {
         redis->backoff = NGX_HTTP_LLMLIMIT_REDIS_BACKOFF;
 
@@ -1709,6 +1720,7 @@ ngx_http_llmlimit_redis_moved(ngx_http_llmlimit_redis_t *redis,
 
     if (redis->ac) {
         redis->backoff = 0;
+        redis->moved = 1;
         ngx_http_llmlimit_redis_drop(redis, reason);
         return;
     }
@@ -2447,6 +2459,7 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->backoff = 0;
     redis->healthy = 1;
     redis->exiting = 0;
+    redis->moved = 0;
 
     ngx_http_llmlimit_redis_addr_init_process(redis->where, cycle->log,
                                               redis->timeout, redis);

@@ -9,12 +9,17 @@
  * a worker and answered with a numeric address:
  *
  *   redis=IP:PORT, unix:PATH  at once;
- *   redis=NAME:PORT           with a "resolver" in the http block, NAME is
+ *   redis=NAME:PORT           NAME is resolved at configuration (the
+ *                             system's way, /etc/hosts included); a name
+ *                             of a loopback address is kept so; otherwise,
+ *                             with a "resolver" in the http block, NAME is
  *                             resolved through it on every connect
  *                             (asynchronously; its cache keeps an answer
- *                             for its valid= time); without one, NAME was
- *                             resolved once, at configuration, as
- *                             proxy_pass does, and a warning says so;
+ *                             for its valid= time) and, when that fails,
+ *                             the address of the configuration is used
+ *                             (logged once); without a resolver, the name
+ *                             is resolved once, as proxy_pass does, and a
+ *                             warning says so (sentinels' names alike);
  *   redis_sentinel=, redis_master=
  *                             the sentinels are asked in turn, starting
  *                             with the last that answered, with
@@ -25,9 +30,11 @@
  *                             it is a master (otherwise the connection
  *                             fails, and the next connect asks again).
  *
- * With Sentinel, another connection, to the sentinel that last answered,
- * is subscribed to +switch-master: when our master moves, the zone's
- * connection is dropped and made again at once to the address announced.
+ * With Sentinel, the sentinel that last answered is asked the same
+ * question again every second (a question, not a subscription: its reply
+ * is checked like the first, whatever a sentinel sends): when it names
+ * another master, the zone's connection is dropped and made again at once,
+ * asking again.
  * Whatever the configuration, any connection error leads to a new connect
  * and so to a new question.  Host names are never resolved with a
  * blocking call in a worker: hiredis is only given numeric addresses.
@@ -43,8 +50,8 @@
 /* a question to a sentinel gets at least this long, ms */
 #define NGX_HTTP_LLMLIMIT_SENTINEL_TIMEOUT  1000
 
-/* a lost subscription is made again after, ms */
-#define NGX_HTTP_LLMLIMIT_SENTINEL_REWATCH  1000
+/* the sentinel is asked again whether the master moved every, ms */
+#define NGX_HTTP_LLMLIMIT_SENTINEL_POLL     1000
 
 /* the longest host name */
 #define NGX_HTTP_LLMLIMIT_ADDR_NAME         256
@@ -63,7 +70,9 @@ typedef struct {
     ngx_str_t                       host;
     in_port_t                       port;
     unsigned                        name:1;        /* resolved when used */
+    unsigned                        fell_back:1;   /* logged */
     u_char                          ip[NGX_HTTP_LLMLIMIT_ADDR_IP];
+    u_char                          conf[NGX_HTTP_LLMLIMIT_ADDR_IP];
 } ngx_http_llmlimit_redis_endpoint_t;
 
 
@@ -97,16 +106,15 @@ struct ngx_http_llmlimit_redis_addr_s {
     ngx_uint_t                          current;   /* sentinel asked */
     ngx_uint_t                          tried;
     ngx_http_llmlimit_redis_link_t      ask;
-    ngx_http_llmlimit_redis_link_t      watch;
     ngx_event_t                         timer;     /* question deadline */
-    ngx_event_t                         rewatch;
+    ngx_event_t                         poll;      /* has the master moved */
     int                                 port;      /* of the answer */
-    int                                 hint_port;
-    u_char                              name[NGX_HTTP_LLMLIMIT_ADDR_NAME];
+    u_char                              name[NGX_HTTP_LLMLIMIT_ADDR_NAME + 8];
     u_char                              ip[NGX_HTTP_LLMLIMIT_ADDR_IP];
-    u_char                              hint[NGX_HTTP_LLMLIMIT_ADDR_IP];
     u_char                              last[NGX_HTTP_LLMLIMIT_ADDR_IP + 8];
+    u_char                              named[NGX_HTTP_LLMLIMIT_ADDR_NAME + 8];
     u_char                              reason[160];
+    unsigned                            checking:1;  /* the poll asks */
     unsigned                            exiting:1;
 };
 
@@ -134,13 +142,11 @@ static void ngx_http_llmlimit_redis_addr_failed(
     ngx_http_llmlimit_redis_addr_t *a, const char *reason);
 static void ngx_http_llmlimit_redis_addr_report(
     ngx_http_llmlimit_redis_addr_t *a);
-static void ngx_http_llmlimit_redis_addr_watch(
+static void ngx_http_llmlimit_redis_addr_schedule(
     ngx_http_llmlimit_redis_addr_t *a);
-static void ngx_http_llmlimit_redis_addr_message(redisAsyncContext *ac,
-    void *reply, void *privdata);
-static void ngx_http_llmlimit_redis_addr_watch_gone(
-    ngx_http_llmlimit_redis_addr_t *a, const char *reason);
-static void ngx_http_llmlimit_redis_addr_rewatch(ngx_event_t *ev);
+static void ngx_http_llmlimit_redis_addr_poll(ngx_event_t *ev);
+static void ngx_http_llmlimit_redis_addr_checked(
+    ngx_http_llmlimit_redis_addr_t *a, u_char *named, size_t len);
 static ngx_int_t ngx_http_llmlimit_redis_addr_open(
     ngx_http_llmlimit_redis_addr_t *a, ngx_http_llmlimit_redis_link_t *link,
     u_char *ip, int port);
@@ -414,7 +420,9 @@ ngx_http_llmlimit_redis_addr_conf_done(ngx_conf_t *cf,
 
 /*
  * Once the http block is read, its "resolver" is known (it may follow
- * llmlimit_zone).  Without one, host names are resolved now, once.
+ * llmlimit_zone).  Host names are resolved now, the system's way: without
+ * a resolver, once for all; with one, for when it fails (it does not read
+ * /etc/hosts: "localhost" would not be found).
  */
 
 ngx_int_t
@@ -441,7 +449,6 @@ ngx_http_llmlimit_redis_addr_postconf(ngx_conf_t *cf,
         a->resolver = clcf->resolver;
         a->resolver_timeout = (clcf->resolver_timeout == NGX_CONF_UNSET_MSEC)
                               ? 30000 : clcf->resolver_timeout;
-        return NGX_OK;
     }
 
     for (i = 0; i < nnames; i++) {
@@ -457,6 +464,12 @@ ngx_http_llmlimit_redis_addr_postconf(ngx_conf_t *cf,
         u.default_port = e->port;
 
         if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
+
+            if (a->resolver) {
+                /* its resolver may know it */
+                continue;
+            }
+
             ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                           "%s in \"%V\" of llmlimit_zone \"%V\" in %V:%ui",
                           u.err ? u.err : "host not found", &e->text,
@@ -464,9 +477,16 @@ ngx_http_llmlimit_redis_addr_postconf(ngx_conf_t *cf,
             return NGX_ERROR;
         }
 
-        n = ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen, e->ip,
+        n = ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen, e->conf,
                           NGX_SOCKADDR_STRLEN, 0);
-        e->ip[n] = '\0';
+        e->conf[n] = '\0';
+
+        ngx_memcpy(e->ip, e->conf, n + 1);
+
+        if (a->resolver) {
+            continue;
+        }
+
         e->name = 0;
 
         if (e->host.len == 9
@@ -498,26 +518,23 @@ ngx_http_llmlimit_redis_addr_init_process(ngx_http_llmlimit_redis_addr_t *a,
     a->rctx = NULL;
     a->current = 0;
     a->exiting = 0;
-    a->hint[0] = '\0';
+    a->checking = 0;
     a->last[0] = '\0';
+    a->named[0] = '\0';
 
     a->ask.ac = NULL;
     a->ask.addr = a;
     a->ask.gone = ngx_http_llmlimit_redis_addr_ask_gone;
-
-    a->watch.ac = NULL;
-    a->watch.addr = a;
-    a->watch.gone = ngx_http_llmlimit_redis_addr_watch_gone;
 
     a->timer.handler = ngx_http_llmlimit_redis_addr_expired;
     a->timer.data = a;
     a->timer.log = log;
     a->timer.cancelable = 1;
 
-    a->rewatch.handler = ngx_http_llmlimit_redis_addr_rewatch;
-    a->rewatch.data = a;
-    a->rewatch.log = log;
-    a->rewatch.cancelable = 1;
+    a->poll.handler = ngx_http_llmlimit_redis_addr_poll;
+    a->poll.data = a;
+    a->poll.log = log;
+    a->poll.cancelable = 1;
 }
 
 
@@ -529,7 +546,18 @@ ngx_http_llmlimit_redis_addr_find(ngx_http_llmlimit_redis_addr_t *a)
     ngx_str_t                       name;
     ngx_http_llmlimit_redis_peer_t  peer;
 
-    if (a->step != NGX_HTTP_LLMLIMIT_ADDR_IDLE || a->exiting) {
+    if (a->exiting) {
+        return;
+    }
+
+    if (a->step != NGX_HTTP_LLMLIMIT_ADDR_IDLE) {
+
+        if (a->checking) {
+            /* the poll's question answers this connect, all sentinels */
+            a->checking = 0;
+            a->tried = 0;
+        }
+
         return;
     }
 
@@ -558,16 +586,6 @@ ngx_http_llmlimit_redis_addr_find(ngx_http_llmlimit_redis_addr_t *a)
         return;
     }
 
-    if (a->hint[0]) {
-        /* +switch-master named it */
-        ngx_cpystrn(a->ip, a->hint, NGX_HTTP_LLMLIMIT_ADDR_IP);
-        a->port = a->hint_port;
-        a->hint[0] = '\0';
-
-        ngx_http_llmlimit_redis_addr_report(a);
-        return;
-    }
-
     a->tried = 0;
     ngx_http_llmlimit_redis_addr_ask(a);
 }
@@ -586,8 +604,8 @@ ngx_http_llmlimit_redis_addr_exit_process(ngx_http_llmlimit_redis_addr_t *a)
         ngx_del_timer(&a->timer);
     }
 
-    if (a->rewatch.timer_set) {
-        ngx_del_timer(&a->rewatch);
+    if (a->poll.timer_set) {
+        ngx_del_timer(&a->poll);
     }
 
     if (a->rctx) {
@@ -596,7 +614,6 @@ ngx_http_llmlimit_redis_addr_exit_process(ngx_http_llmlimit_redis_addr_t *a)
     }
 
     ngx_http_llmlimit_redis_addr_close(&a->ask);
-    ngx_http_llmlimit_redis_addr_close(&a->watch);
 }
 
 
@@ -607,6 +624,20 @@ ngx_http_llmlimit_redis_addr_ask(ngx_http_llmlimit_redis_addr_t *a)
 {
     u_char                              *p;
     ngx_http_llmlimit_redis_endpoint_t  *e;
+
+    if (a->exiting || ngx_exiting || ngx_quit || ngx_terminate) {
+        a->step = NGX_HTTP_LLMLIMIT_ADDR_IDLE;
+        a->checking = 0;
+        return;
+    }
+
+    if (a->tried == a->sentinels->nelts && a->checking) {
+        /* no answer this time: the next sentinel is asked next time */
+        a->step = NGX_HTTP_LLMLIMIT_ADDR_IDLE;
+        a->checking = 0;
+        ngx_http_llmlimit_redis_addr_schedule(a);
+        return;
+    }
 
     if (a->tried == a->sentinels->nelts) {
         p = ngx_snprintf(a->name, sizeof(a->name) - 1,
@@ -739,10 +770,19 @@ ngx_http_llmlimit_redis_addr_answer(redisAsyncContext *ac, void *reply,
 
     ngx_http_llmlimit_redis_addr_close(&a->ask);
 
+    p = ngx_snprintf(a->name, sizeof(a->name) - 1, "%*s:%i",
+                     el[0]->len, el[0]->str, port);
+
+    if (a->checking) {
+        ngx_http_llmlimit_redis_addr_checked(a, a->name, p - a->name);
+        return;
+    }
+
+    *p = '\0';
+    ngx_cpystrn(a->named, a->name, sizeof(a->named));
+
     a->port = port;
     ngx_cpystrn(a->name, (u_char *) el[0]->str, el[0]->len + 1);
-
-    ngx_http_llmlimit_redis_addr_watch(a);
 
     if (!ngx_http_llmlimit_redis_addr_numeric(a->name, el[0]->len)) {
         /* a sentinel with "announce-hostnames yes" */
@@ -915,12 +955,49 @@ ngx_http_llmlimit_redis_addr_resolved(ngx_resolver_ctx_t *ctx)
 }
 
 
-/* no address this time: a sentinel's failure passes to the next one */
+/*
+ * No address this time: a name the system resolved at configuration is
+ * used as it was then; a sentinel's failure passes to the next one.
+ */
 
 static void
 ngx_http_llmlimit_redis_addr_failed(ngx_http_llmlimit_redis_addr_t *a,
     const char *reason)
 {
+    ngx_http_llmlimit_redis_endpoint_t  *e;
+
+    e = NULL;
+
+    if (a->step == NGX_HTTP_LLMLIMIT_ADDR_SENTINEL) {
+        e = a->sentinels->elts;
+        e = &e[a->current];
+
+    } else if (a->sentinels == NULL) {
+        e = &a->redis;
+    }
+
+    if (e && e->conf[0]) {
+
+        if (!e->fell_back) {
+            e->fell_back = 1;
+
+            ngx_log_error(NGX_LOG_WARN, a->log, 0,
+                          "llmlimit zone \"%V\": %s; \"%V\" is %s, "
+                          "as at configuration (logged once)",
+                          a->zone, reason, &e->host, e->conf);
+        }
+
+        if (a->step == NGX_HTTP_LLMLIMIT_ADDR_SENTINEL) {
+            ngx_cpystrn(e->ip, e->conf, NGX_HTTP_LLMLIMIT_ADDR_IP);
+            ngx_http_llmlimit_redis_addr_send(a);
+            return;
+        }
+
+        ngx_cpystrn(a->ip, e->conf, NGX_HTTP_LLMLIMIT_ADDR_IP);
+        ngx_http_llmlimit_redis_addr_report(a);
+        return;
+    }
+
     if (a->step == NGX_HTTP_LLMLIMIT_ADDR_SENTINEL
         || a->step == NGX_HTTP_LLMLIMIT_ADDR_ASKING)
     {
@@ -961,164 +1038,74 @@ ngx_http_llmlimit_redis_addr_report(ngx_http_llmlimit_redis_addr_t *a)
     peer.port = a->port;
     peer.master = (a->sentinels != NULL);
 
+    ngx_http_llmlimit_redis_addr_schedule(a);
     ngx_http_llmlimit_redis_found(a->owner, &peer, NULL);
 }
 
 
-/* Sentinel: +switch-master on a connection to the last that answered */
+/*
+ * Sentinel: the sentinel that answered last is asked again every second,
+ * on a connection of its own that is closed with the answer; failing, the
+ * next sentinel is asked the next time.
+ */
 
 static void
-ngx_http_llmlimit_redis_addr_watch(ngx_http_llmlimit_redis_addr_t *a)
+ngx_http_llmlimit_redis_addr_schedule(ngx_http_llmlimit_redis_addr_t *a)
 {
-    size_t                               argvlen[2];
-    const char                          *argv[2];
-    ngx_http_llmlimit_redis_endpoint_t  *e;
-
-    if (a->watch.ac || a->exiting) {
+    if (a->sentinels == NULL || a->poll.timer_set || a->exiting
+        || ngx_exiting || ngx_quit || ngx_terminate)
+    {
         return;
     }
 
-    if (a->rewatch.timer_set) {
-        ngx_del_timer(&a->rewatch);
-    }
-
-    e = a->sentinels->elts;
-    e = &e[a->current];
-
-    if (e->ip[0] == '\0'
-        || ngx_http_llmlimit_redis_addr_open(a, &a->watch, e->ip, e->port)
-           != NGX_OK)
-    {
-        ngx_add_timer(&a->rewatch, NGX_HTTP_LLMLIMIT_SENTINEL_REWATCH);
-        return;
-    }
-
-    argv[0] = "SUBSCRIBE";
-    argvlen[0] = 9;
-    argv[1] = "+switch-master";
-    argvlen[1] = sizeof("+switch-master") - 1;
-
-    if (redisAsyncCommandArgv(a->watch.ac,
-                              ngx_http_llmlimit_redis_addr_message, a,
-                              2, argv, argvlen)
-        != REDIS_OK)
-    {
-        ngx_http_llmlimit_redis_addr_close(&a->watch);
-        ngx_add_timer(&a->rewatch, NGX_HTTP_LLMLIMIT_SENTINEL_REWATCH);
-    }
+    ngx_add_timer(&a->poll, NGX_HTTP_LLMLIMIT_SENTINEL_POLL);
 }
 
 
-/* "message", "+switch-master", "NAME OLD-IP OLD-PORT NEW-IP NEW-PORT" */
+static void
+ngx_http_llmlimit_redis_addr_poll(ngx_event_t *ev)
+{
+    ngx_http_llmlimit_redis_addr_t *a = ev->data;
+
+    if (a->step != NGX_HTTP_LLMLIMIT_ADDR_IDLE) {
+        /* a connect asks: its answer schedules the next poll */
+        return;
+    }
+
+    a->checking = 1;
+    a->tried = a->sentinels->nelts - 1;
+
+    ngx_http_llmlimit_redis_addr_ask(a);
+}
+
+
+/* the poll's answer, "NAME:PORT": another master is connected to */
 
 static void
-ngx_http_llmlimit_redis_addr_message(redisAsyncContext *ac, void *reply,
-    void *privdata)
+ngx_http_llmlimit_redis_addr_checked(ngx_http_llmlimit_redis_addr_t *a,
+    u_char *named, size_t len)
 {
-    ngx_http_llmlimit_redis_addr_t *a = privdata;
+    a->step = NGX_HTTP_LLMLIMIT_ADDR_IDLE;
+    a->checking = 0;
 
-    u_char       *p, *last, *f[5];
-    u_char        now[NGX_HTTP_LLMLIMIT_ADDR_IP + 8];
-    size_t        len[5];
-    ngx_int_t     port;
-    ngx_uint_t    i;
-    redisReply   *rp, **el;
+    ngx_http_llmlimit_redis_addr_schedule(a);
 
-    rp = reply;
+    named[len] = '\0';
 
-    if (rp == NULL || a->watch.ac != ac || rp->type != REDIS_REPLY_ARRAY
-        || rp->elements != 3)
-    {
-        return;
-    }
-
-    el = rp->element;
-
-    if (el[0]->type != REDIS_REPLY_STRING || el[2]->type != REDIS_REPLY_STRING
-        || el[0]->len != 7 || ngx_strncmp(el[0]->str, "message", 7) != 0)
-    {
-        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, a->log, 0,
-                       "llmlimit sentinel: subscribed");
-        return;
-    }
-
-    p = (u_char *) el[2]->str;
-    last = p + el[2]->len;
-
-    for (i = 0; i < 5; i++) {
-        while (p < last && *p == ' ') {
-            p++;
-        }
-
-        f[i] = p;
-
-        while (p < last && *p != ' ') {
-            p++;
-        }
-
-        len[i] = p - f[i];
-
-        if (len[i] == 0) {
-            return;
-        }
-    }
-
-    if (len[0] != a->master.len
-        || ngx_strncmp(f[0], a->master.data, len[0]) != 0)
-    {
-        return;
-    }
-
-    port = ngx_atoi(f[4], len[4]);
-
-    if (port < 1 || port > 65535 || len[3] >= NGX_SOCKADDR_STRLEN
-        || !ngx_http_llmlimit_redis_addr_numeric(f[3], len[3]))
-    {
-        return;
-    }
-
-    p = ngx_snprintf(now, sizeof(now) - 1, "%*s:%i", len[3], f[3], port);
-    *p = '\0';
-
-    if (ngx_strcmp(a->last, now) == 0) {
-        /* followed already */
+    if (ngx_strcmp(a->named, named) == 0) {
         return;
     }
 
     ngx_log_error(NGX_LOG_NOTICE, a->log, 0,
                   "llmlimit zone \"%V\": redis %V switched to %s",
-                  a->zone, &a->label, now);
+                  a->zone, &a->label, named);
 
-    ngx_cpystrn(a->last, now, sizeof(a->last));
-    ngx_cpystrn(a->hint, f[3], len[3] + 1);
-    a->hint_port = port;
+    ngx_cpystrn(a->named, named, sizeof(a->named));
+
+    /* the connect that follows asks again: not logged twice */
+    ngx_cpystrn(a->last, named, sizeof(a->last));
 
     ngx_http_llmlimit_redis_moved(a->owner, "master switched");
-}
-
-
-static void
-ngx_http_llmlimit_redis_addr_watch_gone(ngx_http_llmlimit_redis_addr_t *a,
-    const char *reason)
-{
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, a->log, 0,
-                   "llmlimit sentinel subscription lost: %s", reason);
-
-    if (a->step == NGX_HTTP_LLMLIMIT_ADDR_IDLE) {
-        /* this sentinel is asked last next time, the next one watched */
-        a->current = (a->current + 1) % a->sentinels->nelts;
-    }
-
-    if (!a->exiting && !ngx_exiting && !ngx_quit && !ngx_terminate) {
-        ngx_add_timer(&a->rewatch, NGX_HTTP_LLMLIMIT_SENTINEL_REWATCH);
-    }
-}
-
-
-static void
-ngx_http_llmlimit_redis_addr_rewatch(ngx_event_t *ev)
-{
-    ngx_http_llmlimit_redis_addr_watch(ev->data);
 }
 
 

@@ -2,7 +2,8 @@
 # name is resolved again, through it, on every reconnect.  A test DNS
 # server (t/dns-lib.pl) names redis-server A on 127.0.0.2, then B on
 # 127.0.0.3 (same port); A is stopped and the counters go to B.  Also what
-# nginx -t says of names with and without a resolver.
+# nginx -t says of names with and without a resolver, and localhost, which
+# the resolver does not know, used as resolved at configuration.
 
 use strict;
 use warnings;
@@ -11,6 +12,7 @@ use lib "$FindBin::Bin/lib";
 use Test::More;
 use LLMLimit::Test;
 use Time::HiRes qw(time sleep);
+use Digest::SHA ();
 
 require "$FindBin::Bin/redis-lib.pl";
 require "$FindBin::Bin/dns-lib.pl";
@@ -21,8 +23,8 @@ my $SLOW = slow();
 my $NAME = 'redis.llmlimit.test';
 
 
-# nginx -t: a name is not resolved at configuration when a resolver is set
-# (before or after llmlimit_zone); without one it must resolve now
+# nginx -t: a name that does not resolve at configuration is accepted when
+# a resolver is set (before or after llmlimit_zone); without one it must
 
 for my $order (0, 1) {
     my $zone = qq{
@@ -160,6 +162,81 @@ $t = start_nginx('dns slow', 10, 'closed');
 my $r = $t->conn->req('GET /q', headers => { 'X-Api-Key' => uid() });
 is($r->status . ' ' . ($r->header('X-Status') // '-'), '200 PASSED',
    'the first request waited for the first connect');
+
+$t->stop;
+
+
+# a slow resolver, then a slow handshake: the requests queued while
+# finding the address do not make the new connection look dead ("no
+# reply") for the time the resolver took.  A fake Redis (SCRIPT LOAD
+# answered 0.8 s late) and a request every 0.1 s, each waiting 100 ms.
+
+$dns->delay(3);
+$dns->set('slow.test' => '127.0.0.1');
+
+my $F = LLMLimit::Redis::Fake->new(sub {
+    my ($args) = @_;
+    if (uc $args->[0] eq 'SCRIPT') {
+        Time::HiRes::sleep(0.8);
+        my $sha = Digest::SHA::sha1_hex($args->[2]);
+        return '$40' . "\r\n$sha\r\n";
+    }
+    return "-ERR fake\r\n";
+});
+
+$t = LLMLimit::Test->new(name => 'dns slow handshake', workers => 1, http => qq{
+    resolver ${\ $dns->addr } valid=60s ipv6=off;
+    llmlimit_zone z 1m redis=slow.test:${\ $F->port } redis_timeout=100ms
+                  redis_failure=open;
+    llmlimit_rules api zone=z { "Q"  GET  /q  \$http_x_api_key  5/1h; }
+}, config => q{
+    add_header X-Status $llmlimit_status always;
+    location /q { llmlimit api; proxy_pass http://%%BACKEND%%; }
+})->start;
+
+$c = $t->conn;
+my $end = time + 6;
+while (time < $end) {
+    $c->req('GET /q', headers => { 'X-Api-Key' => uid() });
+    sleep 0.1;
+}
+
+$log = $t->error_log;
+ok($dns->queries('slow.test') >= 1, 'the slow name was resolved');
+unlike($log, qr/no reply/, 'the new connection is not dropped as dead')
+    or diag($log);
+
+$t->stop;
+$F->stop;
+
+
+# localhost (or another name of /etc/hosts), which a resolver does not
+# know: the address of the configuration, logged once
+
+$dns->delay(0);
+my $L = LLMLimit::Redis->new;
+
+$t = LLMLimit::Test->new(name => 'dns localhost', workers => 2, http => qq{
+    resolver ${\ $dns->addr } valid=1s ipv6=off;
+    llmlimit_zone z 1m redis=localhost:${\ $L->port } redis_timeout=1s
+                  redis_failure=open;
+    llmlimit_rules api zone=z { "Q"  GET  /q  \$http_x_api_key  5/1h; }
+}, config => q{
+    add_header X-Status $llmlimit_status always;
+    location /q { llmlimit api; proxy_pass http://%%BACKEND%%; }
+})->start;
+
+$c = $t->conn;
+($ok, $seen) = until_redis(20);
+ok($ok, 'redis=localhost with a resolver: decided in Redis')
+    or diag(explain($seen));
+exact('localhost');
+my @lk = $L->keys;
+ok(scalar @lk, 'the counters are in it');
+
+$log = $t->error_log;
+my @fell = $log =~ /"localhost" is 127\.0\.0\.1, as at configuration/g;
+ok(@fell >= 1 && @fell <= 2, 'logged once per worker') or diag($log);
 
 $t->stop;
 
