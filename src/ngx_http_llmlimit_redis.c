@@ -97,14 +97,20 @@
 #error "a call must hold the counters of a request"
 #endif
 
+#if (NGX_HTTP_LLMLIMIT_REDIS_KEYS > 256 || NGX_HTTP_LLMLIMIT_MAX_COUNTERS > 255)
+#error "a byte must say a counter's limit and a request's counters"
+#endif
+
 /*
- * EVALSHA sha numkeys key... m n... f (kind period count time amount)...
- * (kind period count cost)...
+ * EVALSHA sha numkeys key... m L f (kind period count cost)...
+ * (limit amount time)... ns limits; the keys of a call, entries included,
+ * are at most REDIS_KEYS, and so are its distinct limits
  */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
-    (5 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 6 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+    (6 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 6 * NGX_HTTP_LLMLIMIT_REDIS_KEYS     \
+     + 3 * NGX_HTTP_LLMLIMIT_REDIS_REFUNDS)
 
-/* the script's kind of a counter: the algorithm, + 4 for a token budget */
+/* the script's kind of a limit: the algorithm, + 4 for a token budget */
 #define NGX_HTTP_LLMLIMIT_REDIS_TOKENS      4
 
 /* Redis' time in a reply, ms, below this */
@@ -153,6 +159,9 @@ struct ngx_http_llmlimit_redis_s {
     const char                    **argv;
     size_t                         *argvlen;
     u_char                         *buf;
+    u_char                         *cmd;           /* the call, formatted */
+    void                          **limits;        /* distinct, of a call */
+    u_char                         *idx;           /* a key's limit */
 
     u_char                          reason[128];
 
@@ -246,6 +255,10 @@ static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
 static void ngx_http_llmlimit_redis_flush(ngx_event_t *ev);
 static ngx_int_t ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call);
+static u_char *ngx_http_llmlimit_redis_int(ngx_http_llmlimit_redis_t *redis,
+    int *a, u_char *p, int64_t v);
+static ngx_inline ngx_uint_t ngx_http_llmlimit_redis_same(
+    ngx_http_llmlimit_redis_counter_t *a, ngx_http_llmlimit_redis_counter_t *b);
 static u_char *ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis,
     u_char *p, ngx_http_llmlimit_redis_counter_t *c);
 static void ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
@@ -701,10 +714,13 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
 
 
 /*
- * EVALSHA sha numkeys key... m n... f (kind period count time amount)...
- * (kind period count cost)... or, after NOSCRIPT, the same with EVAL and
- * the script: f refund or charge entries, then m requests of n counters
- * each (keys in the same order).  Keys are PREFIX{hex of the counter's
+ * EVALSHA sha numkeys key... m L f (kind period count cost)...
+ * (limit amount time)... ns limits, or, after NOSCRIPT, the same with EVAL
+ * and the script: f entries (refunds and token charges, signed amounts),
+ * then m requests of n counters each (keys in the same order, ns a byte
+ * per request, its n), each entry and counter naming one of the call's L
+ * distinct limits ("limits": a byte per counter; see
+ * ngx_http_llmlimit_redis_lua.h).  Keys are PREFIX{hex of the counter's
  * hash}:PERIOD, and "t" after it for a token budget: one budget's counters
  * share a hash slot, and no identity appears in clear.
  */
@@ -714,17 +730,53 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call)
 {
     int                                 k, a;
-    u_char                             *p, *start;
+    u_char                             *p, *start, *idx;
     size_t                             *argvlen;
-    ngx_uint_t                          i, j;
+    ngx_uint_t                          i, j, n, l, nlimits;
     const char                        **argv;
-    ngx_http_llmlimit_redis_wait_t     *w;
-    ngx_http_llmlimit_redis_refund_t   *rf;
-    ngx_http_llmlimit_redis_counter_t  *c;
+    ngx_http_llmlimit_redis_counter_t  *c, **limits;
 
     argv = redis->argv;
     argvlen = redis->argvlen;
+    limits = (ngx_http_llmlimit_redis_counter_t **) redis->limits;
+    idx = redis->idx;
     p = redis->buf;
+
+    /* the distinct limits, and each entry's and counter's, in KEYS order */
+
+    nlimits = 0;
+    l = 0;
+    n = 0;
+
+    for (j = 0; j < call->nrefunds + call->nwaits; j++) {
+
+        if (j < call->nrefunds) {
+            c = &call->refunds[j].counter;
+            i = 1;
+
+        } else {
+            c = call->waits[j - call->nrefunds]->counters;
+            i = call->waits[j - call->nrefunds]->n;
+        }
+
+        for ( /* void */ ; i; i--, c++) {
+
+            if (nlimits == 0 || !ngx_http_llmlimit_redis_same(limits[l], c)) {
+
+                for (l = 0; l < nlimits; l++) {
+                    if (ngx_http_llmlimit_redis_same(limits[l], c)) {
+                        break;
+                    }
+                }
+
+                if (l == nlimits) {
+                    limits[nlimits++] = c;
+                }
+            }
+
+            idx[n++] = (u_char) l;          /* l < REDIS_KEYS = 256 */
+        }
+    }
 
     if (call->eval) {
         argv[0] = "EVAL";
@@ -739,114 +791,110 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
         argvlen[1] = redis->sha.len;
     }
 
-    start = p;
-    p = ngx_sprintf(p, "%ui", call->nrefunds + call->nkeys);
-    argv[2] = (const char *) start;
-    argvlen[2] = p - start;
+    k = 2;
+    a = 3 + n;
 
-    /* keys from 3; then m, the n's, f, and the numbers */
+    p = ngx_http_llmlimit_redis_int(redis, &k, p, n);
+    p = ngx_http_llmlimit_redis_int(redis, &a, p, call->nwaits);
+    p = ngx_http_llmlimit_redis_int(redis, &a, p, nlimits);
+    p = ngx_http_llmlimit_redis_int(redis, &a, p, call->nrefunds);
 
-    k = 3;
-    a = 3 + call->nrefunds + call->nkeys;
-
-    start = p;
-    p = ngx_sprintf(p, "%ui", call->nwaits);
-    argv[a] = (const char *) start;
-    argvlen[a++] = p - start;
-
-    for (j = 0; j < call->nwaits; j++) {
-        start = p;
-        p = ngx_sprintf(p, "%ui", call->waits[j]->n);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
+    for (l = 0; l < nlimits; l++) {
+        c = limits[l];
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->algorithm
+                                        + (c->tokens
+                                           ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
+                                           : 0));
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->period);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->count);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->cost);
     }
 
-    start = p;
-    p = ngx_sprintf(p, "%ui", call->nrefunds);
-    argv[a] = (const char *) start;
-    argvlen[a++] = p - start;
+    n = 0;
 
     for (i = 0; i < call->nrefunds; i++) {
-        rf = &call->refunds[i];
-        c = &rf->counter;
-
         start = p;
-        p = ngx_http_llmlimit_redis_key(redis, p, c);
+        p = ngx_http_llmlimit_redis_key(redis, p, &call->refunds[i].counter);
         argv[k] = (const char *) start;
         argvlen[k++] = p - start;
 
-        start = p;
-        p = ngx_sprintf(p, "%ui", c->algorithm
-                                  + (c->tokens ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
-                                               : 0));
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%M", c->period);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%ui", c->count);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%L", rf->time);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%L", rf->amount);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, idx[n++] + 1);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p,
+                                        call->refunds[i].amount);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, call->refunds[i].time);
     }
 
+    /* a byte per request, its counters; a byte per counter, its limit */
+
+    argv[a] = (const char *) p;
+    argvlen[a++] = call->nwaits;
+
     for (j = 0; j < call->nwaits; j++) {
-        w = call->waits[j];
+        *p++ = (u_char) call->waits[j]->n;
+    }
 
-        for (i = 0; i < w->n; i++) {
-            c = &w->counters[i];
+    argv[a] = (const char *) p;
+    argvlen[a++] = call->nkeys;
 
+    p = ngx_cpymem(p, &idx[n], call->nkeys);
+
+    for (j = 0; j < call->nwaits; j++) {
+        c = call->waits[j]->counters;
+
+        for (i = call->waits[j]->n; i; i--, c++) {
             start = p;
             p = ngx_http_llmlimit_redis_key(redis, p, c);
             argv[k] = (const char *) start;
             argvlen[k++] = p - start;
-
-            start = p;
-            p = ngx_sprintf(p, "%ui",
-                            c->algorithm
-                            + (c->tokens ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
-                                         : 0));
-            argv[a] = (const char *) start;
-            argvlen[a++] = p - start;
-
-            start = p;
-            p = ngx_sprintf(p, "%M", c->period);
-            argv[a] = (const char *) start;
-            argvlen[a++] = p - start;
-
-            start = p;
-            p = ngx_sprintf(p, "%ui", c->count);
-            argv[a] = (const char *) start;
-            argvlen[a++] = p - start;
-
-            start = p;
-            p = ngx_sprintf(p, "%ui", c->cost);
-            argv[a] = (const char *) start;
-            argvlen[a++] = p - start;
         }
     }
 
-    if (redisAsyncCommandArgv(redis->ac, ngx_http_llmlimit_redis_reply, call,
-                              a, argv, argvlen)
+    /*
+     * the command in the protocol, written here: hiredis 0.14's
+     * redisAsyncCommandArgv() formats each argument with sdscatfmt(),
+     * which cost more than the rest of the request together
+     */
+
+    p = ngx_sprintf(redis->cmd, "*%d\r\n", a);
+
+    for (i = 0; i < (ngx_uint_t) a; i++) {
+        p = ngx_sprintf(p, "$%uz\r\n", argvlen[i]);
+        p = ngx_cpymem(p, argv[i], argvlen[i]);
+        *p++ = CR; *p++ = LF;
+    }
+
+    if (redisAsyncFormattedCommand(redis->ac, ngx_http_llmlimit_redis_reply,
+                                   call, (const char *) redis->cmd,
+                                   p - redis->cmd)
         != REDIS_OK)
     {
         return NGX_ERROR;
     }
 
     return NGX_OK;
+}
+
+
+/* a number argument at argv[*a] */
+
+static u_char *
+ngx_http_llmlimit_redis_int(ngx_http_llmlimit_redis_t *redis, int *a,
+    u_char *p, int64_t v)
+{
+    redis->argv[*a] = (const char *) p;
+    redis->argvlen[*a] = ngx_sprintf(p, "%L", v) - p;
+
+    return p + redis->argvlen[(*a)++];
+}
+
+
+static ngx_inline ngx_uint_t
+ngx_http_llmlimit_redis_same(ngx_http_llmlimit_redis_counter_t *a,
+    ngx_http_llmlimit_redis_counter_t *b)
+{
+    return a->algorithm == b->algorithm && a->period == b->period
+           && a->count == b->count && a->cost == b->cost
+           && a->tokens == b->tokens;
 }
 
 
@@ -943,8 +991,10 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
 
 /*
  * validates the whole reply before it touches a counter: Redis' time,
- * then each request's status and its counters' results; sets each
- * request's rc and, for those still waiting, their counters' results
+ * then each request's status and its counters' results (two numbers per
+ * counter of a counted request, remaining and reset; four of a rejected
+ * one, rejected, remaining, reset, retry); sets each request's rc and,
+ * for those still waiting, their counters' results
  */
 
 static ngx_int_t
@@ -952,8 +1002,8 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call, redisReply *reply)
 {
     long long                           v, max;
-    ngx_uint_t                          i, j, k, o, rejected;
-    redisReply                        **e;
+    ngx_uint_t                          i, j, k, o, w4, rejected;
+    redisReply                        **e, **f;
     ngx_http_llmlimit_counter_t        *c;
     ngx_http_llmlimit_redis_wait_t     *w;
     ngx_http_llmlimit_redis_counter_t  *wc;
@@ -964,7 +1014,7 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
     }
 
     if (reply->type != REDIS_REPLY_ARRAY
-        || reply->elements != 1 + call->nwaits + 4 * call->nkeys)
+        || reply->elements < 1 + call->nwaits + 2 * call->nkeys)
     {
         ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
         return NGX_ERROR;
@@ -986,18 +1036,41 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         return NGX_ERROR;
     }
 
-    /* request k's results start at o: status, then 4 per counter */
+    /*
+     * request k's results start at o: status, then 2 or 4 per counter;
+     * the elements are checked to be there before they are read
+     */
 
-    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + w4 * w->n) {
         w = call->waits[k];
+
+        if (o >= reply->elements || (v = e[o]->integer) < 0 || v > 1) {
+            ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
+            return NGX_ERROR;
+        }
+
+        w4 = v ? 4 : 2;
+
+        if (o + w4 * w->n >= reply->elements) {
+            ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
+            return NGX_ERROR;
+        }
+
         rejected = 0;
 
         for (i = 0; i < w->n; i++) {
             wc = &w->counters[i];
             max = 2 * (long long) wc->period + 1000;
 
-            for (j = 1; j <= 4; j++) {
-                v = e[o + 4 * i + j]->integer;
+            /*
+             * f[1] rejected, f[2] remaining, f[3] reset, f[4] retry; a
+             * counted request's counters have f[2] and f[3] only
+             */
+
+            f = &e[o + w4 * i + 1] - (w4 == 4 ? 1 : 2);
+
+            for (j = (w4 == 4 ? 1 : 2); j <= (w4 == 4 ? 4 : 3); j++) {
+                v = f[j]->integer;
 
                 if (v < 0
                     || (j == 1 && v > 1)
@@ -1009,7 +1082,9 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
                 }
             }
 
-            rejected |= e[o + 4 * i + 1]->integer;
+            if (w4 == 4) {
+                rejected |= f[1]->integer;
+            }
         }
 
         if (e[o]->integer != (long long) rejected) {
@@ -1018,10 +1093,16 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         }
     }
 
+    if (o != reply->elements) {
+        ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
+        return NGX_ERROR;
+    }
+
     call->now = e[0]->integer;
 
-    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + w4 * w->n) {
         w = call->waits[k];
+        w4 = e[o]->integer ? 4 : 2;
         w->rc = e[o]->integer ? NGX_BUSY : NGX_OK;
 
         if (w->r == NULL) {
@@ -1030,11 +1111,19 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
 
         for (i = 0; i < w->n; i++) {
             c = &w->b->counters[i];
+            f = &e[o + w4 * i + 1] - (w4 == 4 ? 1 : 2);
 
-            c->rejected = e[o + 4 * i + 1]->integer ? 1 : 0;
-            c->remaining = (ngx_uint_t) e[o + 4 * i + 2]->integer;
-            c->reset = (ngx_msec_t) e[o + 4 * i + 3]->integer;
-            c->retry = (ngx_msec_t) e[o + 4 * i + 4]->integer;
+            if (w4 == 4) {
+                c->rejected = f[1]->integer ? 1 : 0;
+                c->retry = (ngx_msec_t) f[4]->integer;
+
+            } else {
+                c->rejected = 0;
+                c->retry = 0;
+            }
+
+            c->remaining = (ngx_uint_t) f[2]->integer;
+            c->reset = (ngx_msec_t) f[3]->integer;
         }
     }
 
@@ -2411,18 +2500,32 @@ ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
     redis->argvlen = ngx_palloc(redis->pool,
                                 NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(size_t));
 
+    redis->limits = ngx_palloc(redis->pool,
+                               NGX_HTTP_LLMLIMIT_REDIS_KEYS * sizeof(void *));
+    redis->idx = ngx_pnalloc(redis->pool, NGX_HTTP_LLMLIMIT_REDIS_KEYS);
+
     /*
-     * a key and up to five numbers per counter or refund, a number per
-     * request, three
+     * per key (counter or entry): the key ("t" for a token budget), its
+     * limit (four numbers at most), its index and an entry's two numbers;
+     * a number per request, four
      */
 
     size = NGX_HTTP_LLMLIMIT_REDIS_KEYS
-           * (redis->prefix.len + sizeof("{}:t") - 1 + 32 + 6 * NGX_INT64_LEN)
-           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 3) * NGX_INT64_LEN;
+           * (redis->prefix.len + sizeof("{}:t") - 1 + 32 + 8 * NGX_INT64_LEN)
+           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 4) * NGX_INT64_LEN;
 
     redis->buf = ngx_pnalloc(redis->pool, size);
 
-    if (redis->argv == NULL || redis->argvlen == NULL || redis->buf == NULL) {
+    /* the arguments, the script, and a header for each */
+
+    size += sizeof(ngx_http_llmlimit_redis_lua) + sizeof("EVALSHA")
+            + (NGX_HTTP_LLMLIMIT_REDIS_ARGS + 1) * (NGX_SIZE_T_LEN + 5);
+
+    redis->cmd = ngx_pnalloc(redis->pool, size);
+
+    if (redis->argv == NULL || redis->argvlen == NULL || redis->buf == NULL
+        || redis->cmd == NULL || redis->limits == NULL || redis->idx == NULL)
+    {
         return NGX_ERROR;
     }
 
