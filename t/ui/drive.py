@@ -16,6 +16,7 @@ settled (its status region is no longer "loading"), and observes it:
      "refresh": true, "back": true,                # reload / history back
      "csv": true,                                  # fetch the CSV link
      "screenshot": "name.png",                     # saved under dir
+     "full_page": true,                            # ... the whole page
      "timeout": 30}                                # seconds to settle
 
 OUT.json: {"steps": [OBSERVATION, ...]} with, per step, what the page
@@ -178,7 +179,16 @@ def run_step(d, base, out_dir, step):
         obs['csv'] = d.execute_async_script(FETCH_CSV)
     if 'screenshot' in step:
         path = out_dir + '/' + step['screenshot']
-        d.save_screenshot(path)
+        if step.get('full_page'):
+            w, h = d.get_window_size()['width'], d.get_window_size()['height']
+            full = d.execute_script(
+                'return document.documentElement.scrollHeight;')
+            d.set_window_size(w, full + 140)    # the window's own chrome
+            time.sleep(0.5)
+            d.save_screenshot(path)
+            d.set_window_size(w, h)
+        else:
+            d.save_screenshot(path)
         obs['screenshot'] = path
     obs['console'] = d.get_log('browser')
     return obs
