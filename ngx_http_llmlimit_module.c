@@ -1203,6 +1203,19 @@ ngx_http_llmlimit_get_zone(ngx_conf_t *cf, ngx_str_t *name)
 }
 
 
+/* a zone named elsewhere (llmlimit_usage_zone redis=); checked as any */
+
+ngx_http_llmlimit_zone_t *
+ngx_http_llmlimit_zone_ref(ngx_conf_t *cf, ngx_str_t *name)
+{
+    ngx_http_llmlimit_zone_decl_t  *zd;
+
+    zd = ngx_http_llmlimit_get_zone(cf, name);
+
+    return zd ? &zd->zone : NULL;
+}
+
+
 static ngx_http_llmlimit_table_decl_t *
 ngx_http_llmlimit_get_table(ngx_conf_t *cf, ngx_str_t *name)
 {

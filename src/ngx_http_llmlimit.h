@@ -242,6 +242,11 @@ extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_shm_store;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_redis_store;
 
 
+/* ngx_http_llmlimit_module.c */
+ngx_http_llmlimit_zone_t *ngx_http_llmlimit_zone_ref(ngx_conf_t *cf,
+    ngx_str_t *name);
+
+
 /* src/ngx_http_llmlimit_rules.c */
 char *ngx_http_llmlimit_rule_parse(ngx_conf_t *cf,
     ngx_http_llmlimit_table_t *table);
