@@ -281,4 +281,28 @@ if (my $to = $ENV{LLMLIMIT_UI_SCREENSHOT}) {
 }
 
 $t->stop;
+
+# conf.example as make run serves it: traffic on the Langbase server, the
+# page and the API on the LangSmith one
+{
+    my $ex = LLMLimit::Test->new(conf => conf_example())->start;
+    my $lb = $ex->conn(port => $ex->subst('%%PORT2%%'));
+    my %n;
+    for my $key (('lb-pro-demo') x 3, ('lb-enterprise-demo') x 2) {
+        $n{ $lb->req('GET /v1/pipes', headers => { 'X-Api-Key' => $key })
+               ->status }++;
+    }
+    is_deeply(\%n, { 200 => 5 }, 'conf.example: 5 requests passed');
+
+    my ($o) = ui_drive($ex, { name => 'conf.example', url => '/usage-ui/' });
+    is($o->{state}, 'ready', 'conf.example: the page at /usage-ui/');
+    is_deeply(ui_rows($o),
+              { '0d2c7a1e-9c3b-4a5e-8f6d-123456789abc' => [3, 0],
+                '5f0e4b7c-2a61-4d8e-9b3f-abcdef012345' => [2, 0] },
+              'conf.example: the totals per workspace')
+        or diag(explain($o->{rows}));
+    ui_console_clean($o, 'conf.example');
+    $ex->stop;
+}
+
 finish();

@@ -55,6 +55,7 @@ document.querySelectorAll('#ws-list input').forEach(function (b) {
 var csv = q('#csv');
 return {
     search: location.search,
+    api_url: q('#api-url').textContent,
     state: st.dataset.state,
     kind: st.dataset.kind || '',
     message: st.textContent,
