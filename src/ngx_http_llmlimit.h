@@ -303,6 +303,21 @@ ngx_int_t ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
 void ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
 
+/* a connection of its own to a zone's Redis (usage accounting) */
+struct redisAsyncContext;
+typedef void (*ngx_http_llmlimit_redis_reply_pt)(struct redisAsyncContext *ac,
+    void *reply, void *data);
+
+ngx_http_llmlimit_redis_t *ngx_http_llmlimit_redis_open(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone);
+ngx_int_t ngx_http_llmlimit_redis_command(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_reply_pt fn, void *data, int argc,
+    const char **argv, const size_t *argvlen);
+void ngx_http_llmlimit_redis_reset(ngx_http_llmlimit_redis_t *redis,
+    const char *reason);
+ngx_str_t *ngx_http_llmlimit_redis_prefix(ngx_http_llmlimit_redis_t *redis);
+void ngx_http_llmlimit_redis_close(ngx_http_llmlimit_redis_t *redis);
+
 
 /* the module's configuration and request state */
 

@@ -276,6 +276,8 @@ static void ngx_http_llmlimit_redis_add_event(ngx_event_t *ev,
 static void ngx_http_llmlimit_redis_del_event(ngx_event_t *ev,
     ngx_int_t event);
 static void ngx_http_llmlimit_redis_free_connection(void *data);
+static ngx_int_t ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_redis_t *redis);
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
@@ -2054,17 +2056,22 @@ ngx_int_t
 ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone)
 {
-    size_t                      size;
-    ngx_http_llmlimit_redis_t  *redis;
-
-    redis = zone->redis;
-
-    if (redis == NULL
+    if (zone->redis == NULL
         || (ngx_process != NGX_PROCESS_WORKER
             && ngx_process != NGX_PROCESS_SINGLE))
     {
         return NGX_OK;
     }
+
+    return ngx_http_llmlimit_redis_start(cycle, zone->redis);
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_redis_t *redis)
+{
+    size_t  size;
 
     redis->log = cycle->log;
 
@@ -2131,13 +2138,97 @@ void
 ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone)
 {
+    if (zone->redis) {
+        ngx_http_llmlimit_redis_close(zone->redis);
+    }
+}
+
+
+/*
+ * A connection of its own to a zone's Redis, for the worker, for other
+ * users than the store (usage accounting): the same configuration, the
+ * same handshake and reconnection, and commands of their own sent with
+ * ngx_http_llmlimit_redis_command(), so that they never wait behind the
+ * store's calls nor these behind them.
+ */
+
+ngx_http_llmlimit_redis_t *
+ngx_http_llmlimit_redis_open(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    size_t                      conf;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = ngx_pcalloc(cycle->pool, sizeof(ngx_http_llmlimit_redis_t));
+    if (redis == NULL) {
+        return NULL;
+    }
+
+    /* the configuration, before "ac" */
+
+    conf = offsetof(ngx_http_llmlimit_redis_t, ac);
+    ngx_memcpy(redis, zone->redis, conf);
+
+    if (ngx_http_llmlimit_redis_start(cycle, redis) != NGX_OK) {
+        return NULL;
+    }
+
+    return redis;
+}
+
+
+/*
+ * Sends a command on the connection if it is ready (NGX_DECLINED if not);
+ * fn(ac, reply, data) is called with the reply, or with NULL if the
+ * connection is lost first.
+ */
+
+ngx_int_t
+ngx_http_llmlimit_redis_command(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_reply_pt fn, void *data, int argc,
+    const char **argv, const size_t *argvlen)
+{
+    if (redis->state != NGX_HTTP_LLMLIMIT_REDIS_READY
+        || ngx_http_llmlimit_redis_quitting(redis))
+    {
+        return NGX_DECLINED;
+    }
+
+    if (redisAsyncCommandArgv(redis->ac, (redisCallbackFn *) fn, data, argc,
+                              argv, argvlen)
+        != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* gives up on a connection that owes replies for too long */
+
+void
+ngx_http_llmlimit_redis_reset(ngx_http_llmlimit_redis_t *redis,
+    const char *reason)
+{
+    ngx_http_llmlimit_redis_drop(redis, reason);
+}
+
+
+ngx_str_t *
+ngx_http_llmlimit_redis_prefix(ngx_http_llmlimit_redis_t *redis)
+{
+    return &redis->prefix;
+}
+
+
+void
+ngx_http_llmlimit_redis_close(ngx_http_llmlimit_redis_t *redis)
+{
     ngx_queue_t                     *q;
-    ngx_http_llmlimit_redis_t       *redis;
     ngx_http_llmlimit_redis_wait_t  *w;
 
-    redis = zone->redis;
-
-    if (redis == NULL || redis->pool == NULL) {
+    if (redis->pool == NULL) {
         return;
     }
 

@@ -54,7 +54,7 @@ static void ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
     ngx_http_llmlimit_usage_ctx_t *ctx, ngx_uint_t requests,
     ngx_uint_t rejected, uint64_t tokens);
 static ngx_http_llmlimit_usage_group_t *ngx_http_llmlimit_usage_group(
-    ngx_http_llmlimit_usage_zone_t *uz, ngx_http_llmlimit_usage_ctx_t *ctx,
+    ngx_http_llmlimit_usage_zone_t *uz, uint64_t hash[2], ngx_str_t *fields,
     ngx_uint_t *evicted);
 static ngx_http_llmlimit_usage_bucket_t *ngx_http_llmlimit_usage_bucket(
     ngx_http_llmlimit_usage_zone_t *uz, ngx_http_llmlimit_usage_group_t *g,
@@ -86,6 +86,7 @@ static char *ngx_http_llmlimit_usage_field(ngx_conf_t *cf,
     ngx_http_llmlimit_usage_field_t *field, ngx_str_t *value);
 static ngx_int_t ngx_http_llmlimit_usage_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmlimit_usage_init_process(ngx_cycle_t *cycle);
+static void ngx_http_llmlimit_usage_exit_process(ngx_cycle_t *cycle);
 
 
 static ngx_command_t  ngx_http_llmlimit_usage_commands[] = {
@@ -140,7 +141,7 @@ ngx_module_t  ngx_http_llmlimit_usage_module = {
     ngx_http_llmlimit_usage_init_process,  /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_llmlimit_usage_exit_process,  /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -340,7 +341,7 @@ ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
 
     ngx_shmtx_lock(&uz->shpool->mutex);
 
-    g = ngx_http_llmlimit_usage_group(uz, ctx, &evicted);
+    g = ngx_http_llmlimit_usage_group(uz, ctx->hash, ctx->fields, &evicted);
 
     if (g) {
         b = g->cur;
@@ -387,7 +388,7 @@ ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
 
 static ngx_http_llmlimit_usage_group_t *
 ngx_http_llmlimit_usage_group(ngx_http_llmlimit_usage_zone_t *uz,
-    ngx_http_llmlimit_usage_ctx_t *ctx, ngx_uint_t *evicted)
+    uint64_t hash[2], ngx_str_t *fields, ngx_uint_t *evicted)
 {
     u_char                           *p;
     size_t                            len;
@@ -397,7 +398,7 @@ ngx_http_llmlimit_usage_group(ngx_http_llmlimit_usage_zone_t *uz,
     ngx_rbtree_node_t                *node, *sentinel;
     ngx_http_llmlimit_usage_group_t  *g;
 
-    key = (ngx_rbtree_key_t) ctx->hash[0];
+    key = (ngx_rbtree_key_t) hash[0];
     node = uz->sh->root;
     sentinel = &uz->sh->sentinel;
 
@@ -410,17 +411,17 @@ ngx_http_llmlimit_usage_group(ngx_http_llmlimit_usage_zone_t *uz,
 
         g = (ngx_http_llmlimit_usage_group_t *) node;
 
-        if (ctx->hash[1] == g->hash2) {
+        if (hash[1] == g->hash2) {
             return g;
         }
 
-        node = (ctx->hash[1] < g->hash2) ? node->left : node->right;
+        node = (hash[1] < g->hash2) ? node->left : node->right;
     }
 
     len = 0;
 
     for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
-        len += ctx->fields[i].len;
+        len += fields[i].len;
     }
 
     g = ngx_http_llmlimit_usage_alloc(uz,
@@ -431,21 +432,21 @@ ngx_http_llmlimit_usage_group(ngx_http_llmlimit_usage_zone_t *uz,
     }
 
     g->node.key = key;
-    g->hash2 = ctx->hash[1];
+    g->hash2 = hash[1];
     g->cur = NULL;
     g->nbuckets = 0;
 
     p = g->data;
 
     for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
-        g->len[i] = (uint16_t) ctx->fields[i].len;
+        g->len[i] = (uint16_t) fields[i].len;
 
         if (i % 2 == 0) {
-            g->fhash[i / 2] = ngx_http_llmlimit_usage_hash(ctx->fields[i].data,
-                                                           ctx->fields[i].len);
+            g->fhash[i / 2] = ngx_http_llmlimit_usage_hash(fields[i].data,
+                                                           fields[i].len);
         }
 
-        p = ngx_cpymem(p, ctx->fields[i].data, ctx->fields[i].len);
+        p = ngx_cpymem(p, fields[i].data, fields[i].len);
     }
 
     ngx_http_llmlimit_usage_tree(uz->sh, &tree);
@@ -621,6 +622,153 @@ ngx_http_llmlimit_usage_insert(ngx_rbtree_node_t *temp,
     node->left = sentinel;
     node->right = sentinel;
     ngx_rbt_red(node);
+}
+
+
+/*
+ * Takes what the buckets have not flushed to Redis, up to "max" buckets,
+ * into "deltas" (strings copied to its pool).  Only the buckets of the
+ * current time change, so the walk goes from the newest back to a bucket
+ * before the time all older ones were taken ("flushed"), which moves on
+ * when everything was taken.  NGX_AGAIN: more is left.
+ */
+
+ngx_int_t
+ngx_http_llmlimit_usage_take(ngx_http_llmlimit_usage_zone_t *uz,
+    ngx_array_t *deltas, ngx_uint_t max)
+{
+    u_char                            *p, *d;
+    size_t                             len;
+    time_t                             now;
+    ngx_int_t                          rc;
+    ngx_uint_t                         i;
+    ngx_queue_t                       *q;
+    ngx_http_llmlimit_usage_delta_t   *dl;
+    ngx_http_llmlimit_usage_group_t   *g;
+    ngx_http_llmlimit_usage_bucket_t  *b;
+
+    now = ngx_time();
+    rc = NGX_OK;
+
+    ngx_shmtx_lock(&uz->shpool->mutex);
+
+    for (q = ngx_queue_last(&uz->sh->buckets);
+         q != ngx_queue_sentinel(&uz->sh->buckets);
+         q = ngx_queue_prev(q))
+    {
+        b = ngx_queue_data(q, ngx_http_llmlimit_usage_bucket_t, queue);
+
+        if ((time_t) b->start < uz->sh->flushed - 2 * uz->bucket) {
+            break;
+        }
+
+        if (b->d_requests == 0 && b->d_rejected == 0 && b->d_tokens == 0) {
+            continue;
+        }
+
+        if (deltas->nelts == max) {
+            rc = NGX_AGAIN;
+            break;
+        }
+
+        dl = ngx_array_push(deltas);
+        if (dl == NULL) {
+            rc = NGX_ERROR;
+            break;
+        }
+
+        g = b->group;
+
+        dl->hash[0] = (uint64_t) g->node.key;
+        dl->hash[1] = g->hash2;
+        dl->start = b->start;
+        dl->requests = b->d_requests;
+        dl->rejected = b->d_rejected;
+        dl->tokens = b->d_tokens;
+        dl->first = !b->taken;
+
+        len = 0;
+
+        for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
+            len += g->len[i];
+        }
+
+        d = ngx_pnalloc(deltas->pool, len + 1);
+        if (d == NULL) {
+            rc = NGX_ERROR;
+            break;
+        }
+
+        p = g->data;
+
+        for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
+            dl->fields[i].data = d;
+            dl->fields[i].len = g->len[i];
+            d = ngx_cpymem(d, p, g->len[i]);
+            p += g->len[i];
+        }
+
+        b->d_requests = 0;
+        b->d_rejected = 0;
+        b->d_tokens = 0;
+        b->taken = 1;
+    }
+
+    if (rc == NGX_OK) {
+        uz->sh->flushed = now - now % uz->bucket - uz->bucket;
+    }
+
+    ngx_shmtx_unlock(&uz->shpool->mutex);
+
+    return rc;
+}
+
+
+/* deltas that will not reach Redis from here: back to the zone */
+
+void
+ngx_http_llmlimit_usage_give_back(ngx_http_llmlimit_usage_zone_t *uz,
+    ngx_array_t *deltas)
+{
+    time_t                             now;
+    ngx_uint_t                         i, evicted;
+    ngx_http_llmlimit_usage_delta_t   *dl;
+    ngx_http_llmlimit_usage_group_t   *g;
+    ngx_http_llmlimit_usage_bucket_t  *b;
+
+    now = ngx_time();
+    dl = deltas->elts;
+    evicted = 0;
+
+    ngx_shmtx_lock(&uz->shpool->mutex);
+
+    for (i = 0; i < deltas->nelts; i++) {
+        g = ngx_http_llmlimit_usage_group(uz, dl[i].hash, dl[i].fields,
+                                          &evicted);
+        if (g == NULL) {
+            continue;
+        }
+
+        b = g->cur;
+
+        if (b == NULL || b->start != (uint32_t) dl[i].start) {
+            b = ngx_http_llmlimit_usage_bucket(uz, g, dl[i].start, now,
+                                               &evicted);
+            if (b == NULL) {
+                continue;
+            }
+        }
+
+        b->d_requests += dl[i].requests;
+        b->d_rejected += dl[i].rejected;
+        b->d_tokens += dl[i].tokens;
+
+        if (uz->sh->flushed > dl[i].start) {
+            uz->sh->flushed = dl[i].start;
+        }
+    }
+
+    ngx_shmtx_unlock(&uz->shpool->mutex);
 }
 
 
@@ -1214,6 +1362,12 @@ ngx_http_llmlimit_usage_init_process(ngx_cycle_t *cycle)
 
     zones = umcf->zones.elts;
 
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return NGX_OK;
+    }
+
     for (i = 0; i < umcf->zones.nelts; i++) {
         if (zones[i]->redis
             && ngx_http_llmlimit_usage_init_flush(cycle, zones[i]) != NGX_OK)
@@ -1223,4 +1377,27 @@ ngx_http_llmlimit_usage_init_process(ngx_cycle_t *cycle)
     }
 
     return NGX_OK;
+}
+
+
+static void
+ngx_http_llmlimit_usage_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                             i;
+    ngx_http_llmlimit_usage_zone_t       **zones;
+    ngx_http_llmlimit_usage_main_conf_t   *umcf;
+
+    umcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_llmlimit_usage_module);
+    if (umcf == NULL) {
+        return;
+    }
+
+    zones = umcf->zones.elts;
+
+    for (i = 0; i < umcf->zones.nelts; i++) {
+        if (zones[i]->flush) {
+            ngx_http_llmlimit_usage_exit_flush(zones[i]);
+        }
+    }
 }

@@ -66,6 +66,7 @@ struct ngx_http_llmlimit_usage_bucket_s {
     uint32_t                           rejected;
     uint32_t                           d_requests;
     uint32_t                           d_rejected;
+    uint32_t                           taken;      /* once, for Redis */
     uint64_t                           tokens;
     uint64_t                           d_tokens;
 };
@@ -116,6 +117,18 @@ typedef struct {
 } ngx_http_llmlimit_usage_loc_conf_t;
 
 
+/* what a bucket has not flushed to Redis yet, taken from the zone */
+typedef struct {
+    uint64_t                           hash[2];    /* of the group */
+    ngx_str_t                          fields[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
+    time_t                             start;
+    uint64_t                           requests;
+    uint64_t                           rejected;
+    uint64_t                           tokens;
+    ngx_uint_t                         first;      /* the bucket's first */
+} ngx_http_llmlimit_usage_delta_t;
+
+
 /* one row of an answer: a (stride bucket, group) */
 typedef struct {
     int64_t                            idx;        /* stride bucket */
@@ -156,6 +169,11 @@ ngx_int_t ngx_http_llmlimit_usage_add_tokens(ngx_http_request_t *r,
     uint64_t tokens);
 ngx_int_t ngx_http_llmlimit_usage_collect(ngx_http_llmlimit_usage_zone_t *uz,
     ngx_http_llmlimit_usage_query_t *q, ngx_uint_t deltas);
+ngx_int_t ngx_http_llmlimit_usage_take(ngx_http_llmlimit_usage_zone_t *uz,
+    ngx_array_t *deltas, ngx_uint_t max);
+void ngx_http_llmlimit_usage_give_back(ngx_http_llmlimit_usage_zone_t *uz,
+    ngx_array_t *deltas);
+void ngx_http_llmlimit_usage_exit_flush(ngx_http_llmlimit_usage_zone_t *uz);
 ngx_int_t ngx_http_llmlimit_usage_init_flush(ngx_cycle_t *cycle,
     ngx_http_llmlimit_usage_zone_t *uz);
 ngx_int_t ngx_http_llmlimit_usage_redis_query(ngx_http_request_t *r,
