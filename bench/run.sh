@@ -152,12 +152,17 @@ langsmith_table() {
 
 # The key directory of llmlimit-shm-keys, once per run: every API key the
 # mix sends (KEYS), as a deployment would hold them: by their SHA-256, with
-# a plan, an organisation (ten keys each) and a short key.
+# a plan, an organisation (ten keys each) and a short key; $1 "full" adds
+# workspace, project and user (llmlimit-shm-usage's groups), in
+# keys-full.json.
 keys_file() {
-    [ -s "$RUN/keys.json" ] && return 0
-    perl "$BENCH/keys-gen.pl" "$KEYS" "$KEY_FORMAT" > "$RUN/keys.json.tmp"
-    chmod 644 "$RUN/keys.json.tmp"
-    mv "$RUN/keys.json.tmp" "$RUN/keys.json"
+    local kind=${1:-} f
+
+    f=$RUN/keys${kind:+-$kind}.json
+    [ -s "$f" ] && return 0
+    perl "$BENCH/keys-gen.pl" "$KEYS" $kind "$KEY_FORMAT" > "$f.tmp"
+    chmod 644 "$f.tmp"
+    mv "$f.tmp" "$f"
 }
 
 
@@ -175,8 +180,8 @@ write_conf() {
         http="limit_req_zone \$http_x_api_key zone=bench:64m rate=1000000r/s;"
         loc="limit_req zone=bench burst=1000000 nodelay;"
         ;;
-    llmlimit-shm | llmlimit-shm-keys | llmlimit-redis | llmlimit-reject \
-    | llmlimit-reject-quiet | llmlimit-reject-logall)
+    llmlimit-shm | llmlimit-shm-keys | llmlimit-shm-usage | llmlimit-redis \
+    | llmlimit-reject | llmlimit-reject-quiet | llmlimit-reject-logall)
         local redis="" limits=raised params=""
         if [ "$scn" = llmlimit-redis ]; then redis=" redis=127.0.0.1:$REDIS_PORT"; fi
         case $scn in llmlimit-reject*) limits=one ;; esac
@@ -185,14 +190,25 @@ write_conf() {
         # plan= is the key's plan, evaluated for every request the table
         # matches (all of them), so every request looks its key up; the
         # rules and limits are llmlimit-shm's
-        if [ "$scn" = llmlimit-shm-keys ]; then
-            keys_file
+        if [ "$scn" = llmlimit-shm-keys ] || [ "$scn" = llmlimit-shm-usage ]
+        then
+            local kf=""
+            if [ "$scn" = llmlimit-shm-usage ]; then kf=full; fi
+            keys_file $kf
             load="$load
 thread_pool  llmlimit_keys  threads=1;"
-            http="llmlimit_keys $RUN/keys.json thread_pool=llmlimit_keys;
+            http="llmlimit_keys $RUN/keys${kf:+-$kf}.json thread_pool=llmlimit_keys;
     "
             params="plan=\$llmlimit_key_plan"
             loc="llmlimit_key \$http_x_api_key;
+            "
+        fi
+        # -usage: -keys plus usage recorded for every request, in the
+        # groups of the key directory (workspace, project, user, short key)
+        if [ "$scn" = llmlimit-shm-usage ]; then
+            http="${http}llmlimit_usage_zone usage 32m;
+    "
+            loc="${loc}llmlimit_usage usage;
             "
         fi
         http="${http}llmlimit_zone bench 64m$redis;
@@ -608,7 +624,8 @@ sub median {
 }
 
 my @sorted = grep { $rows{$_} }
-             qw(bare limit_req llmlimit-shm llmlimit-shm-keys llmlimit-redis
+             qw(bare limit_req llmlimit-shm llmlimit-shm-keys
+                llmlimit-shm-usage llmlimit-redis
                 llmlimit-reject
                 llmlimit-reject-quiet llmlimit-reject-logall);
 my %known = map { $_ => 1 } @sorted;

@@ -36,22 +36,28 @@ typedef struct {
 } ngx_http_llmlimit_usage_main_conf_t;
 
 
-/* a request's: what it is recorded as, for tokens charged later */
+/* the group of a request: its values and their hash, on the stack */
 typedef struct {
-    ngx_http_llmlimit_usage_zone_t  *zone;
     ngx_str_t                        fields[NGX_HTTP_LLMLIMIT_USAGE_FIELDS];
     uint64_t                         hash[2];
-    uint64_t                         tokens;   /* before it was recorded */
-    unsigned                         recorded:1;
+} ngx_http_llmlimit_usage_key_t;
+
+
+/*
+ * A request's context, only for tokens charged before it is recorded;
+ * once recorded, it is ngx_http_llmlimit_usage_recorded.
+ */
+typedef struct {
+    uint64_t                         tokens;
 } ngx_http_llmlimit_usage_ctx_t;
 
 
 static ngx_int_t ngx_http_llmlimit_usage_log_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
     ngx_http_llmlimit_usage_loc_conf_t *ulcf,
-    ngx_http_llmlimit_usage_ctx_t *ctx);
+    ngx_http_llmlimit_usage_key_t *key);
 static void ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
-    ngx_http_llmlimit_usage_ctx_t *ctx, ngx_uint_t requests,
+    ngx_http_llmlimit_usage_key_t *key, ngx_uint_t requests,
     ngx_uint_t rejected, uint64_t tokens);
 static ngx_http_llmlimit_usage_group_t *ngx_http_llmlimit_usage_group(
     ngx_http_llmlimit_usage_zone_t *uz, uint64_t hash[2], ngx_str_t *fields,
@@ -147,6 +153,10 @@ ngx_module_t  ngx_http_llmlimit_usage_module = {
 };
 
 
+/* the context of a request that is recorded */
+static ngx_http_llmlimit_usage_ctx_t  ngx_http_llmlimit_usage_recorded;
+
+
 /* the defaults of llmlimit_usage's fields: the key directory's */
 static ngx_str_t  ngx_http_llmlimit_usage_names[] = {
     ngx_string("workspace="),
@@ -181,8 +191,10 @@ static ngx_str_t  ngx_http_llmlimit_usage_defaults[] = {
 static ngx_int_t
 ngx_http_llmlimit_usage_log_handler(ngx_http_request_t *r)
 {
+    uint64_t                             tokens;
     ngx_uint_t                           rejected;
     ngx_http_llmlimit_ctx_t             *lctx;
+    ngx_http_llmlimit_usage_key_t        key;
     ngx_http_llmlimit_usage_ctx_t       *ctx;
     ngx_http_llmlimit_usage_loc_conf_t  *ulcf;
 
@@ -194,19 +206,16 @@ ngx_http_llmlimit_usage_log_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_llmlimit_usage_module);
 
-    if (ctx == NULL) {
-        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_llmlimit_usage_ctx_t));
-        if (ctx == NULL) {
-            return NGX_ERROR;
-        }
-
-        ngx_http_set_ctx(r, ctx, ngx_http_llmlimit_usage_module);
-
-    } else if (ctx->recorded) {
+    if (ctx == &ngx_http_llmlimit_usage_recorded) {
         return NGX_OK;
     }
 
-    if (ngx_http_llmlimit_usage_fields(r, ulcf, ctx) != NGX_OK) {
+    tokens = ctx ? ctx->tokens : 0;
+
+    ngx_http_set_ctx(r, &ngx_http_llmlimit_usage_recorded,
+                     ngx_http_llmlimit_usage_module);
+
+    if (ngx_http_llmlimit_usage_fields(r, ulcf, &key) != NGX_OK) {
         return NGX_ERROR;
     }
 
@@ -232,11 +241,8 @@ ngx_http_llmlimit_usage_log_handler(ngx_http_request_t *r)
         }
     }
 
-    ctx->zone = ulcf->zone;
-    ctx->recorded = 1;
-
-    ngx_http_llmlimit_usage_record(ulcf->zone, ctx, !rejected, rejected,
-                                   ctx->tokens);
+    ngx_http_llmlimit_usage_record(ulcf->zone, &key, !rejected, rejected,
+                                   tokens);
 
     return NGX_OK;
 }
@@ -251,11 +257,28 @@ ngx_http_llmlimit_usage_log_handler(ngx_http_request_t *r)
 ngx_int_t
 ngx_http_llmlimit_usage_add_tokens(ngx_http_request_t *r, uint64_t tokens)
 {
-    ngx_http_llmlimit_usage_ctx_t  *ctx;
+    ngx_http_llmlimit_usage_key_t        key;
+    ngx_http_llmlimit_usage_ctx_t       *ctx;
+    ngx_http_llmlimit_usage_loc_conf_t  *ulcf;
 
     r = r->main;
 
+    ulcf = ngx_http_get_module_loc_conf(r, ngx_http_llmlimit_usage_module);
+
+    if (ulcf->zone == NULL || tokens == 0) {
+        return NGX_OK;
+    }
+
     ctx = ngx_http_get_module_ctx(r, ngx_http_llmlimit_usage_module);
+
+    if (ctx == &ngx_http_llmlimit_usage_recorded) {
+        if (ngx_http_llmlimit_usage_fields(r, ulcf, &key) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        ngx_http_llmlimit_usage_record(ulcf->zone, &key, 0, 0, tokens);
+        return NGX_OK;
+    }
 
     if (ctx == NULL) {
         ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_llmlimit_usage_ctx_t));
@@ -266,12 +289,7 @@ ngx_http_llmlimit_usage_add_tokens(ngx_http_request_t *r, uint64_t tokens)
         ngx_http_set_ctx(r, ctx, ngx_http_llmlimit_usage_module);
     }
 
-    if (!ctx->recorded) {
-        ctx->tokens += tokens;
-        return NGX_OK;
-    }
-
-    ngx_http_llmlimit_usage_record(ctx->zone, ctx, 0, 0, tokens);
+    ctx->tokens += tokens;
 
     return NGX_OK;
 }
@@ -279,7 +297,7 @@ ngx_http_llmlimit_usage_add_tokens(ngx_http_request_t *r, uint64_t tokens)
 
 static ngx_int_t
 ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
-    ngx_http_llmlimit_usage_loc_conf_t *ulcf, ngx_http_llmlimit_usage_ctx_t *ctx)
+    ngx_http_llmlimit_usage_loc_conf_t *ulcf, ngx_http_llmlimit_usage_key_t *key)
 {
     uint64_t                          seed[2];
     ngx_str_t                        *s;
@@ -292,7 +310,7 @@ ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
 
     for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
         f = &ulcf->fields[i];
-        s = &ctx->fields[i];
+        s = &key->fields[i];
 
         if (f->index != NGX_ERROR) {
             vv = ngx_http_get_indexed_variable(r, f->index);
@@ -313,10 +331,10 @@ ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
             s->len = NGX_HTTP_LLMLIMIT_USAGE_FIELD_MAX;
         }
 
-        ngx_http_llmlimit_hash(seed, s->data, s->len, ctx->hash);
+        ngx_http_llmlimit_hash(seed, s->data, s->len, key->hash);
 
-        seed[0] = ctx->hash[0];
-        seed[1] = ctx->hash[1];
+        seed[0] = key->hash[0];
+        seed[1] = key->hash[1];
     }
 
     return NGX_OK;
@@ -325,23 +343,26 @@ ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
 
 static void
 ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
-    ngx_http_llmlimit_usage_ctx_t *ctx, ngx_uint_t requests,
+    ngx_http_llmlimit_usage_key_t *key, ngx_uint_t requests,
     ngx_uint_t rejected, uint64_t tokens)
 {
-    time_t                             now, start;
-    ngx_uint_t                         evicted, warn;
+    time_t                             now, start, since;
+    ngx_uint_t                         evicted, warn, nbuckets, ngroups;
     ngx_http_llmlimit_usage_group_t   *g;
-    ngx_http_llmlimit_usage_bucket_t  *b;
+    ngx_http_llmlimit_usage_bucket_t  *b, *b0;
 
     now = ngx_time();
     start = now - now % uz->bucket;
     evicted = 0;
     warn = 0;
     b = NULL;
+    nbuckets = 0;
+    ngroups = 0;
+    since = now;
 
     ngx_shmtx_lock(&uz->shpool->mutex);
 
-    g = ngx_http_llmlimit_usage_group(uz, ctx->hash, ctx->fields, &evicted);
+    g = ngx_http_llmlimit_usage_group(uz, key->hash, key->fields, &evicted);
 
     if (g) {
         b = g->cur;
@@ -365,6 +386,14 @@ ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
     {
         uz->sh->warn_time = now;
         warn = 1;
+        nbuckets = uz->sh->nbuckets;
+        ngroups = uz->sh->ngroups;
+
+        if (!ngx_queue_empty(&uz->sh->buckets)) {
+            b0 = ngx_queue_data(ngx_queue_head(&uz->sh->buckets),
+                                ngx_http_llmlimit_usage_bucket_t, queue);
+            since = b0->start;
+        }
     }
 
     ngx_shmtx_unlock(&uz->shpool->mutex);
@@ -373,16 +402,13 @@ ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
         return;
     }
 
-    if (b == NULL) {
-        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                      "llmlimit usage zone \"%V\" is full, "
-                      "a request was not recorded", &uz->name);
-        return;
-    }
-
     ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                  "llmlimit usage zone \"%V\" is full, "
-                  "the oldest buckets are evicted", &uz->name);
+                  "llmlimit usage zone \"%V\" is full, %s; "
+                  "%ui buckets of %ui groups held, the oldest %T s old",
+                  &uz->name,
+                  b ? "the oldest buckets are evicted"
+                    : "a request was not recorded",
+                  nbuckets, ngroups, now - since);
 }
 
 
@@ -465,7 +491,7 @@ ngx_http_llmlimit_usage_bucket(ngx_http_llmlimit_usage_zone_t *uz,
 {
     ngx_uint_t                         i;
     ngx_queue_t                       *q;
-    ngx_http_llmlimit_usage_bucket_t  *b;
+    ngx_http_llmlimit_usage_bucket_t  *b, *ob;
 
     /* what retention= no longer keeps goes first */
 
@@ -497,7 +523,23 @@ ngx_http_llmlimit_usage_bucket(ngx_http_llmlimit_usage_zone_t *uz,
     b->group = g;
     b->start = (uint32_t) start;
 
-    ngx_queue_insert_tail(&uz->sh->buckets, &b->queue);
+    /*
+     * in the order of start: at the end but for a worker whose time lags
+     * at a boundary, or deltas given back
+     */
+
+    for (q = ngx_queue_last(&uz->sh->buckets);
+         q != ngx_queue_sentinel(&uz->sh->buckets);
+         q = ngx_queue_prev(q))
+    {
+        ob = ngx_queue_data(q, ngx_http_llmlimit_usage_bucket_t, queue);
+
+        if (ob->start <= b->start) {
+            break;
+        }
+    }
+
+    ngx_queue_insert_after(q, &b->queue);
     uz->sh->nbuckets++;
     g->nbuckets++;
 

@@ -4,6 +4,7 @@
 #
 #   ui_skip_reason()              why the browser tests cannot run, or undef
 #   ui_drive($t, @steps)          drive.py over the steps; its observations
+#   ui_drive_port($t, $port, @steps)  the same on another port of $t
 #   ui_console_clean($o, $name, @statuses)
 #                                 no console entry but network ones of those
 #                                 HTTP statuses (a 403 the page expects)
@@ -41,6 +42,13 @@ sub ui_dir {
 
 sub ui_drive {
     my ($t, @steps) = @_;
+    return ui_drive_port($t, $t->port, @steps);
+}
+
+
+# the same on another port of the instance
+sub ui_drive_port {
+    my ($t, $port, @steps) = @_;
 
     my $dir = ui_dir();
     my $n = 1 + (() = glob("$dir/plan-*.json"));
@@ -49,7 +57,7 @@ sub ui_drive {
     my $js = JSON::PP->new->utf8->canonical;
 
     open my $fh, '>', $plan or die "$plan: $!";
-    print $fh $js->encode({ base => 'http://127.0.0.1:' . $t->port,
+    print $fh $js->encode({ base => "http://127.0.0.1:$port",
                             dir => $dir, steps => \@steps });
     close $fh;
 

@@ -282,11 +282,12 @@ if (my $to = $ENV{LLMLIMIT_UI_SCREENSHOT}) {
 
 $t->stop;
 
-# conf.example as make run serves it: traffic on the Langbase server, the
-# page and the API on the LangSmith one
+# conf.example as make run serves it: traffic, the API and the page on the
+# Langbase server
 {
     my $ex = LLMLimit::Test->new(conf => conf_example())->start;
-    my $lb = $ex->conn(port => $ex->subst('%%PORT2%%'));
+    my $port = $ex->subst('%%PORT2%%');
+    my $lb = $ex->conn(port => $port);
     my %n;
     for my $key (('lb-pro-demo') x 3, ('lb-enterprise-demo') x 2) {
         $n{ $lb->req('GET /v1/pipes', headers => { 'X-Api-Key' => $key })
@@ -294,7 +295,8 @@ $t->stop;
     }
     is_deeply(\%n, { 200 => 5 }, 'conf.example: 5 requests passed');
 
-    my ($o) = ui_drive($ex, { name => 'conf.example', url => '/usage-ui/' });
+    my ($o) = ui_drive_port($ex, $port,
+                            { name => 'conf.example', url => '/usage-ui/' });
     is($o->{state}, 'ready', 'conf.example: the page at /usage-ui/');
     is_deeply(ui_rows($o),
               { '0d2c7a1e-9c3b-4a5e-8f6d-123456789abc' => [3, 0],

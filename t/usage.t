@@ -330,6 +330,60 @@ $t->stop;
 }
 
 
+# the zone is kept on reload; a dry run's rejections were served: requests
+
+{
+    my $t = LLMLimit::Test->new(
+        http   => q{
+            llmlimit_zone        z 1m;
+            llmlimit_usage_zone  u 1m;
+            llmlimit_rules api zone=z {
+                "All"  *  *  $http_x_k  2/60s;
+            }
+        },
+        config => q{
+            location / {
+                llmlimit        api;
+                llmlimit_usage  u api_key=$http_x_k;
+                proxy_pass      http://backend;
+            }
+            location /dry/ {
+                llmlimit         api;
+                llmlimit_dry_run on;
+                llmlimit_usage   u api_key=dry-$http_x_k;
+                proxy_pass       http://backend;
+            }
+            location /usage/ {
+                llmlimit_usage_api  u;
+            }
+        },
+    );
+    $t->start;
+
+    my @st = map { $t->req('GET /x', headers => { 'X-K' => 'a' })->status }
+             1 .. 3;
+    is("@st", '200 200 429', 'before the reload: 2 passed, 1 rejected');
+
+    $t->reload;
+
+    $t->req('GET /x', headers => { 'X-K' => 'a' });
+    @st = map { $t->req('GET /dry/x', headers => { 'X-K' => 'b' })->status }
+          1 .. 3;
+    is("@st", '200 200 200', 'dry run: all served');
+
+    my $t0 = time;
+    my $j = LLMLimit::Test::json_decode($t->req(
+        'GET /usage/?group_by=api_key&start_time=' . iso($t0 - 3600)
+        . '&end_time=' . iso($t0 + 3600))->body);
+    my %got = map { ($_->{api_key_short_key} => [$_->{requests},
+                                                  $_->{rejected}]) }
+              @{ $j->{usage} };
+    is_deeply(\%got, { a => [2, 2], 'dry-b' => [3, 0] },
+              'the zone survived the reload; a dry run counts as requests');
+    $t->stop;
+}
+
+
 # a full zone: the oldest buckets go, a warning, requests still served
 
 {
