@@ -151,6 +151,13 @@ push @steps,
       csv => 1 },
     { name => 'reload', refresh => 1 },
     { name => 'back', back => 1 },
+    { name => 'auto again', select => { agg => 'auto' } },
+    { name => 'custom chosen', select => { range => 'custom' },
+      no_load => 1 },
+    { name => 'custom applied',
+      set => { start => substr(ui_iso(time - 86400), 0, 11) . '00:00',
+               end => substr(ui_iso(time + 86400), 0, 11) . '00:00' },
+      click => '#apply' },
     { name => 'no usage yet',
       url => '/usage-ui/?range=custom&start=' . ui_iso(time - 30 * 86400)
              . '&end=' . ui_iso(time - 20 * 86400) },
@@ -256,6 +263,26 @@ is($o{'weekly for a year'}{buckets}, 53, 'weekly for a year: 53 buckets');
     my $b = $o{back};
     unlike($b->{search}, qr/ws=/, 'back: the workspace filter undone');
     is_deeply(ui_rows($b), $expect{project}, 'back: every project again');
+}
+
+{
+    my $o = $o{'custom chosen'};
+    is($o->{controls}{range}, 'custom', 'custom chosen: shown');
+    unlike($o->{search}, qr/range=custom/,
+           'custom chosen: nothing asked before Apply');
+    ok(!$o->{result_hidden}, 'custom chosen: the view stays');
+
+    my $a = $o{'custom applied'};
+    my ($s, $e) = map { substr(ui_iso($_), 0, 11) . '00:00:00Z' }
+                  time - 86400, time + 86400;
+    like($a->{search}, qr/range=custom&start=\Q$s\E&end=\Q$e\E&/,
+         'custom applied: the range in the address');
+    like($a->{note}, qr/^daily buckets as the API/,
+         'custom applied: two days, daily');
+    is($a->{buckets}, 2, 'custom applied: two buckets');
+    is_deeply(ui_rows($a), $expect{project},
+              'custom applied: the totals per project');
+    ui_console_clean($a, 'custom applied');
 }
 
 {

@@ -57,7 +57,8 @@
             group_by: q.get('group_by') || 'workspace',
             ws: (q.get('ws') || '').split(',').filter(Boolean),
             api: q.get('api') || '',
-            timeout: parseFloat(q.get('timeout')) || 15
+            timeout: Math.min(600, Math.max(1,
+                                  parseFloat(q.get('timeout')) || 15))
         };
         if (s.range !== 'custom' && !PRESETS[s.range]) { s.range = '7d'; }
         if (s.agg !== 'auto' && !AGGS[s.agg]) { s.agg = 'auto'; }
@@ -65,19 +66,21 @@
         return s;
     }
 
+    /* the address, readable: times and id lists keep their ":" and "," */
     function stateQuery(s) {
-        var q = new URLSearchParams();
-        q.set('range', s.range);
+        var q = [['range', s.range]];
         if (s.range === 'custom') {
-            q.set('start', s.start);
-            q.set('end', s.end);
+            q.push(['start', s.start], ['end', s.end]);
         }
-        q.set('agg', s.agg);
-        q.set('group_by', s.group_by);
-        if (s.ws.length) { q.set('ws', s.ws.join(',')); }
-        if (s.api) { q.set('api', s.api); }
-        if (s.timeout !== 15) { q.set('timeout', String(s.timeout)); }
-        return '?' + q.toString();
+        q.push(['agg', s.agg], ['group_by', s.group_by]);
+        if (s.ws.length) { q.push(['ws', s.ws.join(',')]); }
+        if (s.api) { q.push(['api', s.api]); }
+        if (s.timeout !== 15) { q.push(['timeout', String(s.timeout)]); }
+        return '?' + q.map(function (kv) {
+            return kv[0] + '=' + encodeURIComponent(kv[1])
+                .replace(/%3A/g, ':').replace(/%2C/g, ',')
+                .replace(/%2F/g, '/');
+        }).join('&');
     }
 
     /* a control changed: a new history entry, then a new load */
@@ -414,16 +417,13 @@
             clearTimeout(current.timer);
         }
         $('result').hidden = true;
-        $('custom-error').hidden = true;
         shown = null;
 
         if (isNaN(r.start) || isNaN(r.end) || r.end <= r.start) {
-            var msg = isNaN(r.start) || isNaN(r.end)
-                ? 'Pick a start and an end for the custom range.'
-                : 'The end of the range must be after its start.';
-            $('custom-error').textContent = msg;
-            $('custom-error').hidden = false;
-            setStatus('error', msg, false);
+            setStatus('error', isNaN(r.start) || isNaN(r.end)
+                      ? 'Pick a start and an end for the custom range.'
+                      : 'The end of the range must be after its start.',
+                      false);
             return;
         }
 

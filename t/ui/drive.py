@@ -12,8 +12,10 @@ settled (its status region is no longer "loading"), and observes it:
      "size": [1280, 800],                          # window size (optional)
      "select": {"group_by": "project"},            # choose <select> values
      "keys": {"range": "Last 30"},                 # type into a control
+     "set": {"start": "2026-11-01T00:00"},         # an input's value
      "click": "#ws-list input[value=\\"ws-a\\"]",   # click (CSS selector)
      "refresh": true, "back": true,                # reload / history back
+     "no_load": true,                              # the step loads nothing
      "csv": true,                                  # fetch the CSV link
      "screenshot": "name.png",                     # saved under dir
      "full_page": true,                            # ... the whole page
@@ -131,9 +133,6 @@ def settle(d, before, timeout):
             seen.append(s[0])
         if s[0] not in ('init', 'loading', 'none') and s[1] != before:
             return seen, True
-        # a control that does not load (custom range chosen, not applied)
-        if s[0] not in ('init', 'loading', 'none') and before is None:
-            return seen, True
         time.sleep(0.05)
     return seen, False
 
@@ -158,6 +157,13 @@ def run_step(d, base, out_dir, step):
         Select(d.find_element(By.ID, sel)).select_by_value(value)
     for sel, text in step.get('keys', {}).items():
         d.find_element(By.ID, sel).send_keys(text)
+    for sel, value in step.get('set', {}).items():
+        d.execute_script(
+            "var e = document.getElementById(arguments[0]);"
+            "e.value = arguments[1];"
+            "e.dispatchEvent(new Event('input', {bubbles: true}));"
+            "e.dispatchEvent(new Event('change', {bubbles: true}));",
+            sel, value)
     if 'click' in step:
         d.find_element(By.CSS_SELECTOR, step['click']).click()
     if step.get('refresh'):
