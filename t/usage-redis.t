@@ -204,6 +204,21 @@ $rd->start;
 
 both_agree('after the outage');
 
+# a flush whose reply is lost (Redis asleep beyond the 10 s a flush may
+# wait: the connection is dropped) is sent again with its sequence number
+# and applied once
+
+{
+    traffic($t[0], k2 => 2);
+    sleep(0.3);
+    $rd->send_only('DEBUG', 'SLEEP', '13');
+    $rd->{sock} = undef;
+    sleep(14);
+    both_agree('a flush sent again');
+    my $log = $t[0]->error_log;
+    like($log, qr/no reply to a usage flush/, 'the flush was given up on');
+}
+
 $_->stop for @t;
 
 # a worker that exits gives back what it could not flush: nothing lost, a
