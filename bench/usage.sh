@@ -10,8 +10,14 @@
 #      a 30-day JSON query (group_by api_key and workspace) and the CSV
 #      export, timed with curl.
 #
+#   3. with redis=: 30 days of hourly hashes of USAGE_REDIS_KEYS (1 000)
+#      keys written into a redis-server by bench/usage-redis-fill.pl, then
+#      the same queries from midnight (the API reads 31 daily hashes) and
+#      from an hour that is not midnight (744 hourly ones).
+#
 # Settings: USAGE_KEYS (5000), USAGE_ROUNDS (144), USAGE_BIG_ZONE (64m),
-# USAGE_PORT (18780), BENCH_NGINX, BENCH_MODULE.
+# USAGE_REDIS_KEYS (1000), USAGE_PORT (18780), USAGE_REDIS_PORT (18779),
+# USAGE_PARTS ("1 2 3"), BENCH_NGINX, BENCH_MODULE.
 
 set -euo pipefail
 
@@ -20,20 +26,30 @@ KEYS=${USAGE_KEYS:-5000}
 ROUNDS=${USAGE_ROUNDS:-144}
 BIG=${USAGE_BIG_ZONE:-64m}
 PORT=${USAGE_PORT:-18780}
+REDIS_PORT=${USAGE_REDIS_PORT:-18779}
+RKEYS=${USAGE_REDIS_KEYS:-1000}
+PARTS=${USAGE_PARTS:-1 2 3}
 NGINX=${BENCH_NGINX:-/usr/sbin/nginx}
 MODULE=${BENCH_MODULE:-$ROOT/build/ngx_http_llmlimit_module.so}
 RUN=$(mktemp -d /tmp/llmlimit-usage.XXXXXX)
 chmod 755 "$RUN"
 PID=""
+RPID=""
 
 cleanup() {
     [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+    [ -n "$RPID" ] && kill "$RPID" 2>/dev/null && wait "$RPID" 2>/dev/null
     [ -n "${BENCH_KEEP:-}" ] || rm -rf "$RUN"
 }
 trap cleanup EXIT
 
-# $1 zone size
+# $1 zone size, $2 its redis= (a zone "r" on the bench's redis-server)
 start() {
+    local rz="" redis=""
+    if [ -n "${2:-}" ]; then
+        rz="llmlimit_zone r 1m redis=127.0.0.1:$REDIS_PORT;"
+        redis=" redis=r"
+    fi
     cat > "$RUN/nginx.conf" <<CONF
 load_module $MODULE;
 worker_processes  1;
@@ -45,7 +61,8 @@ events { worker_connections 1024; }
 http {
     access_log          off;
     keepalive_requests  10000000;
-    llmlimit_usage_zone usage $1 bucket=1s;
+    $rz
+    llmlimit_usage_zone usage $1 bucket=1s$redis;
     server {
         listen  127.0.0.1:$PORT;
         location / {
@@ -76,6 +93,30 @@ stop() {
     PID=""
 }
 
+# $1 the query's start, $2 its end: the best of three, and the answer's size
+queries() {
+    local q="start_time=$1&end_time=$2" what best t rows
+    for what in "?$q&group_by=api_key" "?$q&group_by=workspace" \
+                "export.csv?$q&group_by=api_key"
+    do
+        best=""
+        for _ in 1 2 3; do
+            t=$(curl -s -o "$RUN/out" -w '%{time_total}' \
+                     "http://127.0.0.1:$PORT/usage/$what")
+            best=$(perl -e 'print $ARGV[1] eq "" || $ARGV[0] < $ARGV[1]
+                                  ? $ARGV[0] : $ARGV[1]' "$t" "$best")
+        done
+        case $what in
+        export.csv*) rows=$(($(wc -l < "$RUN/out") - 1)) ;;
+        *) rows=$(grep -o time_bucket_start "$RUN/out" | wc -l || true) ;;
+        esac
+        printf "   %-30s %6.3f s, %d bytes, %d rows\n" \
+               "${what%%\?*} ${what##*&}" "$best" "$(stat -c %s "$RUN/out")" \
+               "$rows"
+    done
+}
+
+case " $PARTS " in *" 1 "*)
 echo "1. a 32m zone, $KEYS keys, one bucket each a second, until full"
 start 32m
 rounds=0
@@ -95,6 +136,9 @@ perl -e 'my ($b, $g) = @ARGV;
            $b / 1000 / 24;' "$buckets" "$groups"
 stop
 
+;; esac
+
+case " $PARTS " in *" 2 "*)
 echo "2. a $BIG zone, $KEYS keys x $ROUNDS rounds = $((KEYS * ROUNDS)) buckets"
 start "$BIG"
 taskset -c 1 perl "$ROOT/bench/usage-fill.pl" "$PORT" "$KEYS" "$ROUNDS"
@@ -102,24 +146,32 @@ if grep -q "is full" "$RUN/error.log"; then
     echo "   the zone filled up: $(grep 'is full' "$RUN/error.log" | head -1)"
 fi
 now=$(date -u +%s)
-start_t=$(date -u -d "@$((now - 30 * 86400 + 3600))" +%Y-%m-%dT%H:%M:%SZ)
-end_t=$(date -u -d "@$((now + 3600))" +%Y-%m-%dT%H:%M:%SZ)
-q="start_time=$start_t&end_time=$end_t"
-for what in "?$q&group_by=api_key" "?$q&group_by=workspace" \
-            "export.csv?$q&group_by=api_key"
-do
-    best=""
-    for _ in 1 2 3; do
-        t=$(curl -s -o "$RUN/out" -w '%{time_total}' \
-                 "http://127.0.0.1:$PORT/usage/$what")
-        best=$(perl -e 'print $ARGV[1] eq "" || $ARGV[0] < $ARGV[1]
-                              ? $ARGV[0] : $ARGV[1]' "$t" "$best")
-    done
-    case $what in
-    export.csv*) rows=$(($(wc -l < "$RUN/out") - 1)) ;;
-    *) rows=$(grep -o time_bucket_start "$RUN/out" | wc -l || true) ;;
-    esac
-    printf "   %-30s %6.3f s, %d bytes, %d rows\n" \
-           "${what%%\?*} ${what##*&}" "$best" "$(stat -c %s "$RUN/out")" "$rows"
-done
+queries "$(date -u -d "@$((now - 30 * 86400 + 3600))" +%Y-%m-%dT%H:%M:%SZ)" \
+        "$(date -u -d "@$((now + 3600))" +%Y-%m-%dT%H:%M:%SZ)"
 stop
+;; esac
+
+case " $PARTS " in *" 3 "*)
+echo "3. redis=: 30 days of hourly hashes of $RKEYS keys in Redis"
+taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+    --appendonly no --dir "$RUN" --logfile "$RUN/redis.log" &
+RPID=$!
+for _ in $(seq 50); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+    sleep 0.1
+done
+perl "$ROOT/bench/usage-redis-fill.pl" llmlimit: "$RKEYS" 30 \
+    | redis-cli -p "$REDIS_PORT" --pipe >/dev/null
+echo "   $(redis-cli -p "$REDIS_PORT" dbsize) keys, $(redis-cli -p "$REDIS_PORT" info memory | sed -n 's/^used_memory_human:\(.*\)\r$/\1/p') of Redis"
+start 1m redis
+sleep 1
+today=$(date -u +%Y-%m-%d)
+tomorrow=$(date -u -d tomorrow +%Y-%m-%d)
+echo "   from midnight (daily hashes):"
+queries "$(date -u -d "$today - 30 days" +%Y-%m-%d)" "$tomorrow"
+echo "   from an hour that is not midnight (hourly hashes):"
+now=$(date -u +%s)
+queries "$(date -u -d "@$((now - 30 * 86400 + 1800))" +%Y-%m-%dT%H:%M:%SZ)" \
+        "$(date -u -d "@$((now + 1800))" +%Y-%m-%dT%H:%M:%SZ)"
+stop
+;; esac

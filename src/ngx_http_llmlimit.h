@@ -259,6 +259,10 @@ ngx_http_llmlimit_limits_t *ngx_http_llmlimit_rule_limits(
     ngx_http_llmlimit_rule_t *rule, ngx_str_t *plan);
 
 
+/* src/ngx_http_llmlimit_keys.c */
+ngx_str_t *ngx_http_llmlimit_keys_request_fields(ngx_http_request_t *r);
+
+
 /* src/ngx_http_llmlimit_hash.c */
 void ngx_http_llmlimit_hash(const uint64_t seed[2], const u_char *data,
     size_t len, uint64_t out[2]);

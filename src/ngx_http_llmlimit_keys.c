@@ -642,6 +642,24 @@ ngx_http_llmlimit_keys_variable(ngx_http_request_t *r,
 }
 
 
+/*
+ * The directory's fields of the request's key for other modules (usage
+ * accounting), all in one lookup: in the order plan, org, workspace,
+ * workspace_name, project, project_name, user, user_email, short_key;
+ * empty for an unknown key.  NULL on error.
+ */
+
+ngx_str_t *
+ngx_http_llmlimit_keys_request_fields(ngx_http_request_t *r)
+{
+    ngx_http_llmlimit_keys_ctx_t  *ctx;
+
+    ctx = ngx_http_llmlimit_keys_lookup(r);
+
+    return ctx ? ctx->field : NULL;
+}
+
+
 /* every check=, in every worker: has the file changed? */
 
 static void

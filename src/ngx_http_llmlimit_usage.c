@@ -153,6 +153,23 @@ ngx_module_t  ngx_http_llmlimit_usage_module = {
 };
 
 
+/*
+ * the key directory's variables, in the order of its fields
+ * (ngx_http_llmlimit_keys_request_fields())
+ */
+static ngx_str_t  ngx_http_llmlimit_usage_keys[] = {
+    ngx_string("$llmlimit_key_plan"),
+    ngx_string("$llmlimit_key_org"),
+    ngx_string("$llmlimit_key_workspace"),
+    ngx_string("$llmlimit_key_workspace_name"),
+    ngx_string("$llmlimit_key_project"),
+    ngx_string("$llmlimit_key_project_name"),
+    ngx_string("$llmlimit_key_user"),
+    ngx_string("$llmlimit_key_user_email"),
+    ngx_string("$llmlimit_key_short")
+};
+
+
 /* the context of a request that is recorded */
 static ngx_http_llmlimit_usage_ctx_t  ngx_http_llmlimit_usage_recorded;
 
@@ -297,22 +314,37 @@ ngx_http_llmlimit_usage_add_tokens(ngx_http_request_t *r, uint64_t tokens)
 
 static ngx_int_t
 ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
-    ngx_http_llmlimit_usage_loc_conf_t *ulcf, ngx_http_llmlimit_usage_key_t *key)
+    ngx_http_llmlimit_usage_loc_conf_t *ulcf,
+    ngx_http_llmlimit_usage_key_t *key)
 {
     uint64_t                          seed[2];
-    ngx_str_t                        *s;
+    ngx_str_t                        *s, *kf;
     ngx_uint_t                        i;
     ngx_http_variable_value_t        *vv;
     ngx_http_llmlimit_usage_field_t  *f;
 
     seed[0] = 0x75736167655f6731ULL;  /* "usage_g1" */
     seed[1] = 0;
+    kf = NULL;
 
     for (i = 0; i < NGX_HTTP_LLMLIMIT_USAGE_FIELDS; i++) {
         f = &ulcf->fields[i];
         s = &key->fields[i];
 
-        if (f->index != NGX_ERROR) {
+        if (f->key != NGX_ERROR) {
+
+            /* the directory's fields, one lookup for all */
+
+            if (kf == NULL) {
+                kf = ngx_http_llmlimit_keys_request_fields(r);
+                if (kf == NULL) {
+                    return NGX_ERROR;
+                }
+            }
+
+            *s = kf[f->key];
+
+        } else if (f->index != NGX_ERROR) {
             vv = ngx_http_get_indexed_variable(r, f->index);
 
             if (vv == NULL || vv->not_found) {
@@ -329,6 +361,9 @@ ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
 
         if (s->len > NGX_HTTP_LLMLIMIT_USAGE_FIELD_MAX) {
             s->len = NGX_HTTP_LLMLIMIT_USAGE_FIELD_MAX;
+
+        } else if (s->len == 0) {
+            s->data = (u_char *) "";
         }
 
         ngx_http_llmlimit_hash(seed, s->data, s->len, key->hash);
@@ -1285,7 +1320,10 @@ ngx_http_llmlimit_usage_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-/* "$name" alone is read as it is, without a copy; anything else compiled */
+/*
+ * A key directory's variable is read from its lookup, "$name" alone as it
+ * is, without a copy; anything else is compiled.
+ */
 
 static char *
 ngx_http_llmlimit_usage_field(ngx_conf_t *cf,
@@ -1295,7 +1333,21 @@ ngx_http_llmlimit_usage_field(ngx_conf_t *cf,
     ngx_uint_t                         i;
     ngx_http_compile_complex_value_t   ccv;
 
+    field->key = NGX_ERROR;
     field->index = NGX_ERROR;
+
+    for (i = 0; i < sizeof(ngx_http_llmlimit_usage_keys)
+                    / sizeof(ngx_str_t); i++)
+    {
+        if (value->len == ngx_http_llmlimit_usage_keys[i].len
+            && ngx_strncmp(value->data, ngx_http_llmlimit_usage_keys[i].data,
+                           value->len)
+               == 0)
+        {
+            field->key = i;
+            return NGX_CONF_OK;
+        }
+    }
 
     if (value->len > 1 && value->data[0] == '$') {
         name.data = value->data + 1;

@@ -103,8 +103,12 @@ typedef struct {
 } ngx_http_llmlimit_usage_zone_t;
 
 
-/* a field: one variable read as it is, or a complex value */
+/*
+ * a field: one of the key directory's fields (key >= 0), one variable read
+ * as it is (index), or a complex value
+ */
 typedef struct {
+    ngx_int_t                          key;        /* NGX_ERROR: not one */
     ngx_int_t                          index;      /* NGX_ERROR: complex */
     ngx_http_complex_value_t          *cv;
 } ngx_http_llmlimit_usage_field_t;

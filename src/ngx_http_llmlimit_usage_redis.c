@@ -43,7 +43,7 @@
 #define NGX_HTTP_LLMLIMIT_USAGE_PERIOD   1000
 #define NGX_HTTP_LLMLIMIT_USAGE_BATCH    1024
 #define NGX_HTTP_LLMLIMIT_USAGE_STALL    10000
-#define NGX_HTTP_LLMLIMIT_USAGE_TIMEOUT  10000
+#define NGX_HTTP_LLMLIMIT_USAGE_TIMEOUT  30000
 
 
 struct ngx_http_llmlimit_usage_flush_s {
@@ -133,7 +133,8 @@ static const char  ngx_http_llmlimit_usage_lua[] =
     "if n > 0 then redis.call('EXPIRE', gk, ttl) end\n"
     "local f = {':r', ':j', ':t'}\n"
     "while i + 5 <= #ARGV do\n"
-    "  local keys = {p .. 'usage:h:' .. ARGV[i], p .. 'usage:d:' .. ARGV[i + 1]}\n"
+    "  local keys = {p .. 'usage:h:' .. ARGV[i],\n"
+    "                p .. 'usage:d:' .. ARGV[i + 1]}\n"
     "  for _, key in ipairs(keys) do\n"
     "    for c = 1, 3 do\n"
     "      if ARGV[i + 2 + c] ~= '0' then\n"
@@ -454,6 +455,11 @@ ngx_http_llmlimit_usage_redis_query(ngx_http_request_t *r,
     from -= from % 3600;
     to = (time_t) ((q->end + 999) / 1000);
 
+    /* nothing is recorded ahead of now: a far end_time reads no more */
+
+    to = ngx_min(to, ngx_time() + 86400);
+    from = ngx_min(from, to);
+
     /* the hashes, at most: a day of hours for each day, and the groups */
 
     n = 1 + 24 * ((to - from) / 86400 + 2);
@@ -525,12 +531,12 @@ static ngx_int_t
 ngx_http_llmlimit_usage_get(ngx_http_llmlimit_usage_read_t *rd,
     ngx_http_llmlimit_usage_flush_t *f, const char *what, time_t t)
 {
-    u_char                        *p;
-    u_char                         key[256];
-    size_t                         argvlen[2];
-    ngx_str_t                     *prefix;
-    ngx_int_t                      rc;
-    const char                    *argv[2];
+    u_char                           *p;
+    u_char                            key[256];
+    size_t                            argvlen[2];
+    ngx_str_t                        *prefix;
+    ngx_int_t                         rc;
+    const char                       *argv[2];
     ngx_http_llmlimit_redis_reply_pt  fn;
 
     prefix = ngx_http_llmlimit_redis_prefix(f->redis);
