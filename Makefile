@@ -9,7 +9,8 @@ NGX_CC_OPT  = -g -O2 -Wall -Wextra -Werror -fPIC $(CC_OPT)
 NGX_LD_OPT  = -fPIC $(LD_OPT)
 RELEASE     = $(BUILD)/release
 DEB_PKGS    = nginx nginx-dev libhiredis-dev libjansson-dev libpcre2-dev \
-              libssl-dev zlib1g-dev redis-server wrk perl gcc make curl
+              libssl-dev zlib1g-dev redis-server redis-sentinel wrk perl gcc \
+              make curl
 
 .PHONY: all build build-release build-src deps run test test-valgrind bench \
         clean nginx-source test-asan asan deb fuzz fuzz-build screenshot

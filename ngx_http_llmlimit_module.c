@@ -1835,6 +1835,12 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
                           zones[i]->ref.line);
             return NGX_ERROR;
         }
+
+        /* the Redis connection of any store: the http block's resolver */
+
+        if (ngx_http_llmlimit_redis_postconf(cf, &zones[i]->zone) != NGX_OK) {
+            return NGX_ERROR;
+        }
     }
 
     tables = lmcf->tables.elts;

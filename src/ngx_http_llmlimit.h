@@ -300,6 +300,8 @@ ngx_int_t ngx_http_llmlimit_redis_option(ngx_conf_t *cf,
     ngx_http_llmlimit_zone_t *zone, ngx_str_t *value);
 ngx_int_t ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
     ngx_http_llmlimit_zone_t *zone);
+ngx_int_t ngx_http_llmlimit_redis_postconf(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone);
 ngx_int_t ngx_http_llmlimit_redis_init_module(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
 ngx_int_t ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,

@@ -17,14 +17,16 @@
  * Connection states:
  *
  *   DOWN        no context; the worker timer reconnects with backoff;
+ *   FINDING     no context yet: asking where to connect (a host name
+ *               resolved, Sentinel asked; src/ngx_http_llmlimit_redis_addr.c);
  *   CONNECTING  connect(2) in progress, AUTH, SELECT and SCRIPT LOAD
  *               already queued behind it;
  *   READY       the SCRIPT LOAD reply arrived: requests are sent.
  *
  * While CONNECTING the timer bounds the handshake.  Requests are queued
- * while CONNECTING only if Redis was not known to be lost (the first
- * connection of a worker), otherwise they fail at once and the zone's
- * failure policy decides.
+ * while FINDING or CONNECTING only if Redis was not known to be lost (the
+ * first connection of a worker), otherwise they fail at once and the
+ * zone's failure policy decides.
  *
  * A slow reply costs the request that waited for it, not the connection:
  * when redis_timeout expires the request goes on by its failure policy
@@ -48,12 +50,11 @@
 
 
 #include "ngx_http_llmlimit.h"
+#include "ngx_http_llmlimit_redis_addr.h"
 #include <ngx_sha1.h>
 
 #include <sys/ioctl.h>
 
-#include <hiredis/hiredis.h>
-#include <hiredis/async.h>
 #include <hiredis/sds.h>
 
 #include "ngx_http_llmlimit_redis_lua.h"
@@ -62,10 +63,12 @@
 #define NGX_HTTP_LLMLIMIT_REDIS_DOWN        0
 #define NGX_HTTP_LLMLIMIT_REDIS_CONNECTING  1
 #define NGX_HTTP_LLMLIMIT_REDIS_READY       2
+#define NGX_HTTP_LLMLIMIT_REDIS_FINDING     3
 
 #define NGX_HTTP_LLMLIMIT_REDIS_AUTH        1
 #define NGX_HTTP_LLMLIMIT_REDIS_SELECT      2
 #define NGX_HTTP_LLMLIMIT_REDIS_LOAD        3
+#define NGX_HTTP_LLMLIMIT_REDIS_ROLE        4
 
 /* reconnect backoff, ms */
 #define NGX_HTTP_LLMLIMIT_REDIS_BACKOFF     100
@@ -116,10 +119,8 @@ typedef struct ngx_http_llmlimit_redis_call_s  ngx_http_llmlimit_redis_call_t;
 struct ngx_http_llmlimit_redis_s {
     /* configuration */
     ngx_http_llmlimit_zone_t       *zone;
-    ngx_str_t                       addr;          /* as configured */
-    char                           *host;          /* numeric address */
-    char                           *path;          /* unix socket */
-    int                             port;
+    ngx_str_t                       addr;          /* for the logs */
+    ngx_http_llmlimit_redis_addr_t *where;         /* of the server */
     ngx_int_t                       db;            /* -1: none */
     ngx_str_t                       password;
     ngx_str_t                       prefix;
@@ -320,7 +321,9 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    if (redis == NULL || redis->ac == NULL
+    if (redis == NULL
+        || (redis->ac == NULL
+            && redis->state != NGX_HTTP_LLMLIMIT_REDIS_FINDING)
         || b->n > NGX_HTTP_LLMLIMIT_MAX_COUNTERS)
     {
         return NGX_ERROR;
@@ -331,6 +334,7 @@ ngx_http_llmlimit_redis_check(ngx_http_request_t *r,
     case NGX_HTTP_LLMLIMIT_REDIS_READY:
         break;
 
+    case NGX_HTTP_LLMLIMIT_REDIS_FINDING:
     case NGX_HTTP_LLMLIMIT_REDIS_CONNECTING:
 
         /* behind the handshake, unless Redis is known to be lost */
@@ -583,6 +587,12 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
                        "llmlimit redis call: %ui requests, %ui counters, "
                        "%ui refunds", call->nwaits, call->nkeys,
                        call->nrefunds);
+
+        if (redis->state == NGX_HTTP_LLMLIMIT_REDIS_FINDING) {
+            /* sent once there is a connection, failed if there is none */
+            ngx_queue_insert_head(&redis->calls, q);
+            return;
+        }
 
         if (redis->ac == NULL
             || redis->state == NGX_HTTP_LLMLIMIT_REDIS_DOWN)
@@ -1155,22 +1165,50 @@ ngx_http_llmlimit_redis_release(ngx_http_llmlimit_redis_wait_t *w)
 
 /* the connection */
 
+/*
+ * Where to connect is asked first (src/ngx_http_llmlimit_redis_addr.c):
+ * the address of redis=, its host name resolved again, or the master that
+ * Sentinel names; ngx_http_llmlimit_redis_found() is told, now or later.
+ */
+
 static void
 ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
 {
-    const char         *argv[3];
-    size_t              argvlen[3];
-    ngx_connection_t   *c;
-    redisAsyncContext  *ac;
-
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, redis->log, 0,
                    "llmlimit redis connect %V", &redis->addr);
 
-    if (redis->path) {
-        ac = redisAsyncConnectUnix(redis->path);
+    redis->state = NGX_HTTP_LLMLIMIT_REDIS_FINDING;
+
+    ngx_http_llmlimit_redis_addr_find(redis->where);
+}
+
+
+void
+ngx_http_llmlimit_redis_found(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_peer_t *peer, const char *error)
+{
+    const char         *argv[3];
+    size_t              argvlen[3];
+    redisAsyncContext  *ac;
+
+    if (redis->ac || ngx_http_llmlimit_redis_quitting(redis)) {
+        return;
+    }
+
+    if (peer == NULL) {
+        ngx_http_llmlimit_redis_gone(redis, error);
+        return;
+    }
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "llmlimit redis %V: connect to %s:%d", &redis->addr,
+                   peer->path ? peer->path : peer->host, peer->port);
+
+    if (peer->path) {
+        ac = redisAsyncConnectUnix(peer->path);
 
     } else {
-        ac = redisAsyncConnect(redis->host, redis->port);
+        ac = redisAsyncConnect(peer->host, peer->port);
     }
 
     if (ac == NULL) {
@@ -1184,33 +1222,18 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
         return;
     }
 
-    c = ngx_get_connection(ac->c.fd, redis->log);
-    if (c == NULL) {
+    if (ngx_http_llmlimit_redis_hook(ac, redis->log,
+                                     ngx_http_llmlimit_redis_read_handler,
+                                     ngx_http_llmlimit_redis_write_handler,
+                                     ngx_http_llmlimit_redis_free_connection)
+        == NULL)
+    {
         ngx_http_llmlimit_redis_gone(redis, "no free connection");
         redisAsyncFree(ac);
         return;
     }
 
-    c->data = ac;
-    c->read->handler = ngx_http_llmlimit_redis_read_handler;
-    c->write->handler = ngx_http_llmlimit_redis_write_handler;
-    c->read->log = c->log;
-    c->write->log = c->log;
-
-    if (ngx_event_flags & NGX_USE_CLEAR_EVENT) {
-        /* armed once: the write edge tells that connect(2) is done */
-        ngx_http_llmlimit_redis_add_event(c->read, NGX_READ_EVENT);
-        ngx_http_llmlimit_redis_add_event(c->write, NGX_WRITE_EVENT);
-    }
-
     ac->data = redis;
-    ac->ev.data = c;
-    ac->ev.addRead = ngx_http_llmlimit_redis_add_read;
-    ac->ev.delRead = ngx_http_llmlimit_redis_del_read;
-    ac->ev.addWrite = ngx_http_llmlimit_redis_add_write;
-    ac->ev.delWrite = ngx_http_llmlimit_redis_del_write;
-    ac->ev.cleanup = ngx_http_llmlimit_redis_free_connection;
-
     redis->ac = ac;
     redis->state = NGX_HTTP_LLMLIMIT_REDIS_CONNECTING;
 
@@ -1228,6 +1251,20 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
         if (redisAsyncCommandArgv(ac, ngx_http_llmlimit_redis_handshake,
                                   (void *) NGX_HTTP_LLMLIMIT_REDIS_AUTH,
                                   2, argv, argvlen)
+            != REDIS_OK)
+        {
+            goto failed;
+        }
+    }
+
+    if (peer->master) {
+        /* the address Sentinel named must still be a master */
+        argv[0] = "ROLE";
+        argvlen[0] = 4;
+
+        if (redisAsyncCommandArgv(ac, ngx_http_llmlimit_redis_handshake,
+                                  (void *) NGX_HTTP_LLMLIMIT_REDIS_ROLE,
+                                  1, argv, argvlen)
             != REDIS_OK)
         {
             goto failed;
@@ -1266,6 +1303,13 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
 
     ngx_add_timer(&redis->event, ngx_max(10 * redis->timeout,
                                          NGX_HTTP_LLMLIMIT_REDIS_CONNECT));
+
+    /* the requests that came while FINDING */
+
+    if (!ngx_queue_empty(&redis->calls) && !redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
+
     return;
 
 failed:
@@ -1339,6 +1383,18 @@ ngx_http_llmlimit_redis_handshake(redisAsyncContext *ac, void *reply,
                                       rp);
         break;
 
+    case NGX_HTTP_LLMLIMIT_REDIS_ROLE:
+        if (rp->type == REDIS_REPLY_ARRAY && rp->elements > 0
+            && rp->element[0]->type == REDIS_REPLY_STRING
+            && rp->element[0]->len == 6
+            && ngx_strncmp(rp->element[0]->str, "master", 6) == 0)
+        {
+            return;
+        }
+
+        ngx_http_llmlimit_redis_fail(redis, "not a master (ROLE)");
+        break;
+
     default: /* NGX_HTTP_LLMLIMIT_REDIS_LOAD */
         if (rp->type == REDIS_REPLY_STRING && rp->len == redis->sha.len
             && ngx_strncasecmp((u_char *) rp->str, redis->sha.data,
@@ -1406,6 +1462,12 @@ ngx_http_llmlimit_redis_gone(ngx_http_llmlimit_redis_t *redis,
 
     ngx_http_llmlimit_redis_fail(redis, reason);
     ngx_http_llmlimit_redis_schedule(redis);
+
+    /* the requests that came while FINDING fail */
+
+    if (!ngx_queue_empty(&redis->calls) && !redis->flush.posted) {
+        ngx_post_event(&redis->flush, &ngx_posted_events);
+    }
 }
 
 
@@ -1445,6 +1507,31 @@ ngx_http_llmlimit_redis_timer(ngx_event_t *ev)
     }
 
     ngx_http_llmlimit_redis_connect(redis);
+}
+
+
+/* Sentinel announced a new master: the connection goes there at once */
+
+void
+ngx_http_llmlimit_redis_moved(ngx_http_llmlimit_redis_t *redis,
+    const char *reason)
+{
+    if (ngx_http_llmlimit_redis_quitting(redis)) {
+        return;
+    }
+
+    if (redis->ac) {
+        redis->backoff = 0;
+        ngx_http_llmlimit_redis_drop(redis, reason);
+        return;
+    }
+
+    if (redis->event.timer_set) {
+        /* waiting to reconnect */
+        ngx_del_timer(&redis->event);
+        redis->backoff = 0;
+        ngx_http_llmlimit_redis_connect(redis);
+    }
 }
 
 
@@ -1505,6 +1592,13 @@ ngx_http_llmlimit_redis_error(ngx_http_llmlimit_redis_t *redis,
     *p = '\0';
 
     ngx_http_llmlimit_redis_fail(redis, (const char *) buf);
+
+    if (reply->type == REDIS_REPLY_ERROR && reply->len >= 8
+        && ngx_strncmp(reply->str, "READONLY", 8) == 0)
+    {
+        /* a replica now, after a failover: connect to the master again */
+        ngx_http_llmlimit_redis_drop(redis, NULL);
+    }
 }
 
 
@@ -1520,8 +1614,6 @@ ngx_http_llmlimit_redis_quitting(ngx_http_llmlimit_redis_t *redis)
 static void
 ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev)
 {
-    int                         n;
-    ngx_uint_t                  i;
     ngx_connection_t           *c;
     redisAsyncContext          *ac;
     ngx_http_llmlimit_redis_t  *redis;
@@ -1537,26 +1629,7 @@ ngx_http_llmlimit_redis_read_handler(ngx_event_t *rev)
         return;
     }
 
-    /*
-     * hiredis reads at most 16K per call, and an edge-triggered event
-     * does not fire again for what is left: read until the socket is empty
-     */
-
-    for (i = 0; i < NGX_HTTP_LLMLIMIT_REDIS_READS; i++) {
-
-        redisAsyncHandleRead(ac);
-
-        if (redis->ac != ac) {
-            /* freed, c too */
-            return;
-        }
-
-        if (ioctl(c->fd, FIONREAD, &n) == -1 || n <= 0) {
-            return;
-        }
-    }
-
-    ngx_post_event(rev, &ngx_posted_events);
+    ngx_http_llmlimit_redis_read(rev, &redis->ac);
 }
 
 
@@ -1571,9 +1644,58 @@ ngx_http_llmlimit_redis_write_handler(ngx_event_t *wev)
     ac = c->data;
     redis = ac->data;
 
+    ngx_http_llmlimit_redis_write(wev, &redis->ac);
+}
+
+
+/*
+ * The reads and writes of a hooked context; "owner" is where its owner
+ * keeps it: a context no longer there was freed, and its connection too.
+ *
+ * hiredis reads at most 16K per call, and an edge-triggered event does not
+ * fire again for what is left: read until the socket is empty.
+ */
+
+void
+ngx_http_llmlimit_redis_read(ngx_event_t *rev, redisAsyncContext **owner)
+{
+    int                 n;
+    ngx_uint_t          i;
+    ngx_connection_t   *c;
+    redisAsyncContext  *ac;
+
+    c = rev->data;
+    ac = c->data;
+
+    for (i = 0; i < NGX_HTTP_LLMLIMIT_REDIS_READS; i++) {
+
+        redisAsyncHandleRead(ac);
+
+        if (*owner != ac) {
+            return;
+        }
+
+        if (ioctl(c->fd, FIONREAD, &n) == -1 || n <= 0) {
+            return;
+        }
+    }
+
+    ngx_post_event(rev, &ngx_posted_events);
+}
+
+
+void
+ngx_http_llmlimit_redis_write(ngx_event_t *wev, redisAsyncContext **owner)
+{
+    ngx_connection_t   *c;
+    redisAsyncContext  *ac;
+
+    c = wev->data;
+    ac = c->data;
+
     redisAsyncHandleWrite(ac);
 
-    if (redis->ac == ac && sdslen(ac->c.obuf) > 0) {
+    if (*owner == ac && sdslen(ac->c.obuf) > 0) {
         /* the socket buffer is full: wait for the next edge */
         wev->ready = 0;
     }
@@ -1684,6 +1806,48 @@ ngx_http_llmlimit_redis_del_event(ngx_event_t *ev, ngx_int_t event)
 
 
 /*
+ * A hiredis context in nginx's event loop: one ngx_connection_t on its
+ * socket, with the read and write handlers given and "cleanup" called
+ * when hiredis frees the context (which must then call unhook()).  Also
+ * for the connections to sentinels (src/ngx_http_llmlimit_redis_addr.c).
+ */
+
+ngx_connection_t *
+ngx_http_llmlimit_redis_hook(redisAsyncContext *ac, ngx_log_t *log,
+    ngx_event_handler_pt read, ngx_event_handler_pt write,
+    void (*cleanup)(void *data))
+{
+    ngx_connection_t  *c;
+
+    c = ngx_get_connection(ac->c.fd, log);
+    if (c == NULL) {
+        return NULL;
+    }
+
+    c->data = ac;
+    c->read->handler = read;
+    c->write->handler = write;
+    c->read->log = c->log;
+    c->write->log = c->log;
+
+    if (ngx_event_flags & NGX_USE_CLEAR_EVENT) {
+        /* armed once: the write edge tells that connect(2) is done */
+        ngx_http_llmlimit_redis_add_event(c->read, NGX_READ_EVENT);
+        ngx_http_llmlimit_redis_add_event(c->write, NGX_WRITE_EVENT);
+    }
+
+    ac->ev.data = c;
+    ac->ev.addRead = ngx_http_llmlimit_redis_add_read;
+    ac->ev.delRead = ngx_http_llmlimit_redis_del_read;
+    ac->ev.addWrite = ngx_http_llmlimit_redis_add_write;
+    ac->ev.delWrite = ngx_http_llmlimit_redis_del_write;
+    ac->ev.cleanup = cleanup;
+
+    return c;
+}
+
+
+/*
  * hiredis frees the context: the socket is hiredis', so only the events
  * and the connection structure are released here, never closed.
  */
@@ -1700,6 +1864,31 @@ ngx_http_llmlimit_redis_free_connection(void *data)
     ac = c->data;
     redis = ac->data;
 
+    ngx_http_llmlimit_redis_unhook(ac, c);
+
+    if (redis->ac != ac) {
+        return;
+    }
+
+    if (redis->reason[0]) {
+        reason = (const char *) redis->reason;
+
+    } else if (ac->err) {
+        reason = ac->errstr;
+
+    } else {
+        reason = "connection closed";
+    }
+
+    ngx_http_llmlimit_redis_gone(redis, reason);
+
+    redis->reason[0] = '\0';
+}
+
+
+void
+ngx_http_llmlimit_redis_unhook(redisAsyncContext *ac, ngx_connection_t *c)
+{
     ac->ev.data = NULL;
     ac->ev.addRead = NULL;
     ac->ev.delRead = NULL;
@@ -1734,24 +1923,6 @@ ngx_http_llmlimit_redis_free_connection(void *data)
     ngx_free_connection(c);
 
     c->fd = (ngx_socket_t) -1;
-
-    if (redis->ac != ac) {
-        return;
-    }
-
-    if (redis->reason[0]) {
-        reason = (const char *) redis->reason;
-
-    } else if (ac->err) {
-        reason = ac->errstr;
-
-    } else {
-        reason = "connection closed";
-    }
-
-    ngx_http_llmlimit_redis_gone(redis, reason);
-
-    redis->reason[0] = '\0';
 }
 
 
@@ -1764,9 +1935,8 @@ ngx_int_t
 ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
     ngx_str_t *value)
 {
-    u_char                     *p;
+    ngx_int_t                   rc;
     ngx_str_t                   s;
-    ngx_url_t                   u;
     ngx_http_llmlimit_redis_t  *redis;
 
     if (ngx_strncmp(value->data, "redis", 5) != 0) {
@@ -1788,70 +1958,10 @@ ngx_http_llmlimit_redis_option(ngx_conf_t *cf, ngx_http_llmlimit_zone_t *zone,
         zone->redis = redis;
     }
 
-    if (ngx_strncmp(value->data, "redis=", 6) == 0) {
+    rc = ngx_http_llmlimit_redis_addr_option(cf, &redis->where, value);
 
-        if (redis->addr.data) {
-            goto duplicate;
-        }
-
-        s.data = value->data + 6;
-        s.len = value->len - 6;
-
-        if (s.len == 0) {
-            goto invalid;
-        }
-
-        redis->addr = s;
-
-        if (s.len > 5 && ngx_strncasecmp(s.data, (u_char *) "unix:", 5) == 0) {
-            if (s.len - 5 >= sizeof(((struct sockaddr_un *) 0)->sun_path)) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "unix socket path too long in \"%V\"",
-                                   value);
-                return NGX_ERROR;
-            }
-
-            redis->path = ngx_pnalloc(cf->pool, s.len - 5 + 1);
-            if (redis->path == NULL) {
-                return NGX_ERROR;
-            }
-
-            ngx_cpystrn((u_char *) redis->path, s.data + 5, s.len - 5 + 1);
-
-            return NGX_OK;
-        }
-
-        ngx_memzero(&u, sizeof(ngx_url_t));
-
-        u.url = s;
-        u.default_port = 6379;
-
-        if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
-            if (u.err) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "%s in \"%V\"", u.err, value);
-            }
-
-            return NGX_ERROR;
-        }
-
-        if (u.family == AF_UNIX || u.uri.len || u.naddrs == 0) {
-            goto invalid;
-        }
-
-        redis->host = ngx_pnalloc(cf->pool, NGX_SOCKADDR_STRLEN + 1);
-        if (redis->host == NULL) {
-            return NGX_ERROR;
-        }
-
-        p = (u_char *) redis->host;
-        p += ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen, p,
-                           NGX_SOCKADDR_STRLEN, 0);
-        *p = '\0';
-
-        redis->port = ngx_inet_get_port(u.addrs[0].sockaddr);
-
-        return NGX_OK;
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
 
     if (ngx_strncmp(value->data, "redis_db=", 9) == 0) {
@@ -1976,10 +2086,10 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
         return NGX_DECLINED;
     }
 
-    if (redis->addr.data == NULL) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "redis parameters of zone \"%V\" "
-                           "require \"redis=\"", &zone->name);
+    if (ngx_http_llmlimit_redis_addr_conf_done(cf, redis->where, &zone->name,
+                                               &redis->addr)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -2005,6 +2115,20 @@ ngx_http_llmlimit_redis_conf_done(ngx_conf_t *cf,
                      - redis->sha.data;
 
     return NGX_OK;
+}
+
+
+/* once the http block is read: its "resolver" */
+
+ngx_int_t
+ngx_http_llmlimit_redis_postconf(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    if (zone->redis == NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_http_llmlimit_redis_addr_postconf(cf, zone->redis->where);
 }
 
 
@@ -2128,6 +2252,8 @@ ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
     redis->healthy = 1;
     redis->exiting = 0;
 
+    ngx_http_llmlimit_redis_addr_init_process(redis->where, cycle->log,
+                                              redis->timeout, redis);
     ngx_http_llmlimit_redis_connect(redis);
 
     return NGX_OK;
@@ -2233,6 +2359,8 @@ ngx_http_llmlimit_redis_close(ngx_http_llmlimit_redis_t *redis)
     }
 
     redis->exiting = 1;
+
+    ngx_http_llmlimit_redis_addr_exit_process(redis->where);
 
     if (redis->event.timer_set) {
         ngx_del_timer(&redis->event);

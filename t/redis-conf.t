@@ -32,6 +32,8 @@ my @good = (
     'redis=127.0.0.1:6379 redis_timeout=2s redis_failure=closed',
     'redis=127.0.0.1:6379 redis_failure=local redis_prefix=',
     'redis_failure=open redis=127.0.0.1:6379',
+    'redis_sentinel=127.0.0.1:26379,127.0.0.1:26380,[::1] redis_master=mymaster',
+    'redis_master=m redis_sentinel=127.0.0.1 redis_db=2 redis_failure=closed',
 );
 
 for my $p (@good) {
@@ -55,6 +57,20 @@ my @bad = (
     [ 'redis=127.0.0.1 redis_failure=maybe',  qr/invalid value "redis_failure=maybe"/ ],
     [ 'redis=127.0.0.1 "redis_prefix=a{b}:"', qr/braces are not allowed in "redis_prefix=a\{b\}:"/ ],
     [ 'redis=127.0.0.1 redis_bogus=1',        qr/invalid parameter "redis_bogus=1"/ ],
+    [ 'redis_master=m',                       qr/"redis_master=" of zone "z" requires "redis_sentinel="/ ],
+    [ 'redis_sentinel=127.0.0.1',             qr/"redis_sentinel=" of zone "z" requires "redis_master="/ ],
+    [ 'redis=127.0.0.1 redis_sentinel=127.0.0.1 redis_master=m',
+                                              qr/"redis=" and "redis_sentinel=" of zone "z" exclude each other/ ],
+    [ 'redis_sentinel= redis_master=m',       qr/invalid value "redis_sentinel="/ ],
+    [ 'redis_sentinel=127.0.0.1,,127.0.0.2 redis_master=m',
+                                              qr/invalid value "redis_sentinel=127.0.0.1,,127.0.0.2"/ ],
+    [ 'redis_sentinel=127.0.0.1:99999 redis_master=m', qr/invalid port in "redis_sentinel=127.0.0.1:99999"/ ],
+    [ 'redis_sentinel=unix:/tmp/s.sock redis_master=m', qr/invalid address "unix:\/tmp\/s.sock"/ ],
+    [ 'redis_sentinel=127.0.0.1/x redis_master=m', qr/invalid host in "redis_sentinel=127.0.0.1\/x"/ ],
+    [ 'redis_sentinel=127.0.0.1 redis_sentinel=127.0.0.2 redis_master=m',
+                                              qr/duplicate parameter "redis_sentinel=127.0.0.2"/ ],
+    [ 'redis_sentinel=127.0.0.1 redis_master=', qr/invalid value "redis_master="/ ],
+    [ 'redis_sentinel=127.0.0.1 redis_master=a redis_master=b', qr/duplicate parameter "redis_master=b"/ ],
     [ 'redis_db=3',                           qr/require "redis="/ ],
     [ 'redis_failure=open',                   qr/require "redis="/ ],
 );

@@ -4,6 +4,7 @@
 #
 #   require "$FindBin::Bin/redis-lib.pl";
 #   my $rd = LLMLimit::Redis->new(unix => 1, requirepass => 'pw');
+#   LLMLimit::Redis->new(bind => '127.0.0.2', port => $p);  # another address
 #   $rd->addr;  $rd->port;  $rd->unix;          # for redis=...
 #   $rd->cmd('SET', 'k', 'v');                  # reply: string, number,
 #                                               # array ref, undef (nil) or
@@ -56,14 +57,15 @@ sub new {
 
 sub port { $_[0]{port} }
 sub unix { $_[0]{unix} }
-sub addr { "127.0.0.1:$_[0]{port}" }
+sub addr { ($_[0]{bind} // '127.0.0.1') . ":$_[0]{port}" }
 sub pid  { $_[0]{pid} }
 
 
 sub start {
     my ($self) = @_;
 
-    my @cmd = ($SERVER, '--port', $self->{port}, '--bind', '127.0.0.1',
+    my @cmd = ($SERVER, '--port', $self->{port},
+               '--bind', $self->{bind} // '127.0.0.1',
                '--save', '', '--appendonly', 'no', '--daemonize', 'no',
                '--dir', $self->{dir}, '--logfile', "$self->{dir}/redis.log",
                '--enable-debug-command', 'yes');
@@ -72,6 +74,14 @@ sub start {
         if $self->{unix};
     push @cmd, '--requirepass', $self->{requirepass}
         if defined $self->{requirepass};
+
+    return $self->spawn(@cmd);
+}
+
+
+# runs the command, returns once it answers PING
+sub spawn {
+    my ($self, @cmd) = @_;
 
     my $pid = fork;
     croak "fork: $!" unless defined $pid;
@@ -91,7 +101,7 @@ sub start {
     while (time < $end) {
         if (waitpid($pid, WNOHANG) == $pid) {
             $self->{pid} = undef;
-            croak "redis-server exited:\n" . $self->log;
+            croak "$cmd[0] exited:\n" . $self->log;
         }
 
         my $r = eval { $self->cmd('PING') };
@@ -101,7 +111,7 @@ sub start {
         sleep 0.05;
     }
 
-    croak "redis-server did not start:\n" . $self->log;
+    croak "$cmd[0] did not start:\n" . $self->log;
 }
 
 
@@ -268,6 +278,62 @@ sub read_reply {
 
 END {
     $_->stop for grep { $_->{pid} && $_->{creator} == $$ } @ALL;
+}
+
+
+# ---------------------------------------------------------------------------
+# A redis-sentinel watching MASTER_PORT (on 127.0.0.1) as "mymaster", quorum
+# 2, down after 1 s; the same helpers as a redis-server.
+#
+#   my $s = LLMLimit::Redis::Sentinel->new(master_port => $m->port);
+
+package LLMLimit::Redis::Sentinel;
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+
+our @ISA = ('LLMLimit::Redis');
+
+our $SENTINEL = $ENV{LLMLIMIT_REDIS_SENTINEL} || 'redis-sentinel';
+
+
+sub available {
+    return system("command -v $SENTINEL >/dev/null 2>&1") == 0;
+}
+
+
+sub start {
+    my ($self) = @_;
+
+    my $conf = "$self->{dir}/sentinel.conf";
+
+    open my $fh, '>', $conf or croak "$conf: $!";
+    print {$fh} <<"END";
+port $self->{port}
+bind 127.0.0.1
+daemonize no
+dir $self->{dir}
+logfile $self->{dir}/redis.log
+sentinel monitor mymaster 127.0.0.1 $self->{master_port} 2
+sentinel down-after-milliseconds mymaster 1000
+sentinel failover-timeout mymaster 5000
+sentinel parallel-syncs mymaster 1
+END
+    close $fh;
+
+    return $self->spawn($SENTINEL, $conf);
+}
+
+
+# SENTINEL MASTER mymaster as a hash
+sub master {
+    my ($self) = @_;
+    my $r = eval { $self->cmd('SENTINEL', 'MASTER', 'mymaster') };
+    $self->disconnect unless defined $r;
+    return {} unless ref $r eq 'ARRAY';
+    return { @$r };
 }
 
 
