@@ -5,6 +5,7 @@
 
 
 #include "ngx_http_llmlimit.h"
+#include "ngx_http_llmlimit_usage.h"
 
 
 typedef struct {
@@ -1047,6 +1048,7 @@ ngx_http_llmlimit_header_filter(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_llmlimit_log_handler(ngx_http_request_t *r)
 {
+    ngx_uint_t                charged;
     ngx_http_llmlimit_ctx_t  *ctx;
 
     if (r != r->main) {
@@ -1056,12 +1058,18 @@ ngx_http_llmlimit_log_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_llmlimit_get_ctx(r);
 
-    if (ctx == NULL || !ctx->decided) {
+    if (ctx == NULL || !ctx->decided || !ctx->has_tokens) {
         return NGX_OK;
     }
 
-    if (ctx->has_tokens) {
-        ngx_http_llmlimit_tokens_end(r, ctx);
+    charged = ctx->charged;
+
+    ngx_http_llmlimit_tokens_end(r, ctx);
+
+    if (!charged && ctx->charged) {
+        /* what was charged, for usage accounting and the metrics */
+        (void) ngx_http_llmlimit_usage_add_tokens(r, ctx->tokens);
+        ngx_http_llmlimit_metrics_tokens(ctx, ctx->tokens);
     }
 
     return NGX_OK;
