@@ -13,7 +13,7 @@ DEB_PKGS    = nginx nginx-dev libhiredis-dev libjansson-dev libpcre2-dev \
               make curl
 
 .PHONY: all build build-release build-src deps run test test-valgrind bench \
-        clean nginx-source test-asan asan deb fuzz fuzz-build
+        clean nginx-source test-asan asan deb fuzz fuzz-build screenshot
 
 all: build
 
@@ -114,10 +114,17 @@ PROVE      ?= prove
 PROVE_OPTS ?=
 TESTS      ?= t/
 
-# make run: conf.example in the foreground, prefix under $(BUILD)/run.
+# the browser tests of the usage page (t/ui*.t): headless Chromium driven
+# by Selenium, Debian's packages only
+UI_PKGS     = chromium chromium-driver python3-selenium
+
+# make run: conf.example in the foreground, prefix under $(BUILD)/run, with
+# the module and the usage page (ui/) of this tree instead of the installed
+# package's.
 run: deps build
 	mkdir -p $(RUN_DIR)/logs $(RUN_DIR)/temp
 	sed -e 's|^\([[:space:]]*load_module[[:space:]]\{1,\}\).*ngx_http_llmlimit_module\.so;|\1$(MODULE);|' \
+	    -e 's|^\([[:space:]]*alias[[:space:]]\{1,\}\)/usr/share/llmlimit/ui/;|\1$(CURDIR)/ui/;|' \
 	    conf.example > $(RUN_DIR)/nginx.conf
 	cp keys.example.json $(RUN_DIR)/keys.example.json
 	$(NGINX) -q -t -p $(RUN_DIR)/ -c $(RUN_DIR)/nginx.conf
@@ -127,12 +134,27 @@ run: deps build
 	      "backend http://127.0.0.1:8081; logs in $(RUN_DIR)/logs; Ctrl-C stops"
 	exec $(NGINX) -p $(RUN_DIR)/ -c $(RUN_DIR)/nginx.conf -g 'daemon off;'
 
-# make test: the whole suite against $(MODULE).
+# make test: the whole suite against $(MODULE).  Debian's prometheus
+# package (19 MB to download, 96 MB installed) brings promtool and the
+# server that t/metrics*.t check the metrics endpoint with; UI_PKGS the
+# headless Chromium of the usage page's tests.
+TEST_PKGS   = prometheus $(UI_PKGS)
+
+test: DEB_PKGS += $(TEST_PKGS)
 test: deps build
 	LLMLIMIT_MODULE=$(MODULE) $(PROVE) -r $(PROVE_OPTS) $(TESTS)
 
+# make screenshot: docs/usage-page.png, the README's picture of the usage
+# page, taken by t/ui.t in headless Chromium after its traffic.
+screenshot: DEB_PKGS += $(UI_PKGS)
+screenshot: deps build
+	mkdir -p docs
+	LLMLIMIT_MODULE=$(MODULE) \
+	    LLMLIMIT_UI_SCREENSHOT=$(CURDIR)/docs/usage-page.png \
+	    $(PROVE) t/ui.t
+
 # make test-valgrind: the same with nginx under valgrind.
-test-valgrind: DEB_PKGS += valgrind
+test-valgrind: DEB_PKGS += valgrind $(TEST_PKGS)
 test-valgrind: deps build
 	LLMLIMIT_MODULE=$(MODULE) LLMLIMIT_VALGRIND=1 \
 	    $(PROVE) -r $(PROVE_OPTS) $(TESTS)
@@ -217,7 +239,7 @@ $(ASAN_NGINX): $(ASAN)/nginx/objs/Makefile $(SOURCES)
 # make test); everything they send is sent by other files too.
 ASAN_TESTS ?= $(filter-out $(wildcard t/accuracy-*.t),$(wildcard t/*.t))
 
-test-asan: DEB_PKGS += dpkg-dev
+test-asan: DEB_PKGS += dpkg-dev $(TEST_PKGS)
 test-asan: deps $(ASAN_NGINX)
 	rm -rf $(ASAN_LOGS)
 	mkdir -p $(ASAN_LOGS)

@@ -5,6 +5,7 @@
 
 
 #include "ngx_http_llmlimit.h"
+#include "ngx_http_llmlimit_usage.h"
 
 
 typedef struct {
@@ -56,6 +57,10 @@ static ngx_http_llmlimit_ctx_t *ngx_http_llmlimit_get_ctx(
 static void ngx_http_llmlimit_cleanup(void *data);
 static ngx_int_t ngx_http_llmlimit_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_llmlimit_log_handler(ngx_http_request_t *r);
+static ngx_uint_t ngx_http_llmlimit_table_tokens(
+    ngx_http_llmlimit_table_t *table);
+static ngx_uint_t ngx_http_llmlimit_limits_tokens(
+    ngx_http_llmlimit_limits_t *limits);
 
 static ngx_int_t ngx_http_llmlimit_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
@@ -254,6 +259,7 @@ ngx_module_t  ngx_http_llmlimit_module = {
  */
 
 static ngx_http_llmlimit_store_t  *ngx_http_llmlimit_stores[] = {
+    &ngx_http_llmlimit_sync_store,
     &ngx_http_llmlimit_redis_store,
     &ngx_http_llmlimit_shm_store,
     NULL
@@ -429,9 +435,9 @@ ngx_http_llmlimit_handler(ngx_http_request_t *r)
         rc = ngx_http_llmlimit_classify(r, llcf, ctx);
 
         if (rc != NGX_OK) {
-            ctx->decided = 1;
             ctx->status = NGX_HTTP_LLMLIMIT_ERROR;
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+            goto failed;
         }
     }
 
@@ -441,13 +447,17 @@ ngx_http_llmlimit_handler(ngx_http_request_t *r)
         return NGX_AGAIN;
     }
 
-    ctx->decided = 1;
-
-    if (rc != NGX_OK) {
-        return rc;
+    if (rc == NGX_OK) {
+        ctx->decided = 1;
+        return ngx_http_llmlimit_decide(r, llcf, ctx);
     }
 
-    return ngx_http_llmlimit_decide(r, llcf, ctx);
+failed:
+
+    ctx->decided = 1;
+    ngx_http_llmlimit_metrics_request(ctx);
+
+    return rc;
 }
 
 
@@ -486,7 +496,13 @@ ngx_http_llmlimit_classify(ngx_http_request_t *r,
         rc = ngx_http_llmlimit_rules_match(r, table, &rule, &identity);
 
         if (rc == NGX_DECLINED) {
+            ctx->unmatched |= 1 << ctx->nmetrics;
+            ctx->metrics[ctx->nmetrics++] = table->metrics;
             continue;
+        }
+
+        if (rc == NGX_OK) {
+            ctx->metrics[ctx->nmetrics++] = rule->metrics;
         }
 
         if (rc != NGX_OK) {
@@ -677,6 +693,8 @@ ngx_http_llmlimit_run(ngx_http_request_t *r,
 
         if (b->rc == NGX_ERROR) {
 
+            ngx_http_llmlimit_metrics_fallback(zone);
+
             switch (zone->failure) {
 
             case NGX_HTTP_LLMLIMIT_FAIL_OPEN:
@@ -822,20 +840,19 @@ ngx_http_llmlimit_decide(ngx_http_request_t *r,
         ctx->category = &report->rule->category;
     }
 
-    if (!rejected) {
-        return NGX_DECLINED;
+    if (rejected) {
+        ctx->retry = report->retry;
+        ctx->status = llcf->dry_run ? NGX_HTTP_LLMLIMIT_REJECTED_DRY
+                                    : NGX_HTTP_LLMLIMIT_REJECTED;
+
+        ngx_http_llmlimit_log_rejection(r, llcf, report);
     }
 
-    ctx->retry = report->retry;
+    ngx_http_llmlimit_metrics_request(ctx);
 
-    ngx_http_llmlimit_log_rejection(r, llcf, report);
-
-    if (llcf->dry_run) {
-        ctx->status = NGX_HTTP_LLMLIMIT_REJECTED_DRY;
+    if (ctx->status != NGX_HTTP_LLMLIMIT_REJECTED) {
         return NGX_DECLINED;
     }
-
-    ctx->status = NGX_HTTP_LLMLIMIT_REJECTED;
 
     rc = ngx_http_llmlimit_reject(r, llcf, ctx);
 
@@ -1031,6 +1048,7 @@ ngx_http_llmlimit_header_filter(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_llmlimit_log_handler(ngx_http_request_t *r)
 {
+    ngx_uint_t                charged;
     ngx_http_llmlimit_ctx_t  *ctx;
 
     if (r != r->main) {
@@ -1040,12 +1058,18 @@ ngx_http_llmlimit_log_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_llmlimit_get_ctx(r);
 
-    if (ctx == NULL || !ctx->decided) {
+    if (ctx == NULL || !ctx->decided || !ctx->has_tokens) {
         return NGX_OK;
     }
 
-    if (ctx->has_tokens) {
-        ngx_http_llmlimit_tokens_end(r, ctx);
+    charged = ctx->charged;
+
+    ngx_http_llmlimit_tokens_end(r, ctx);
+
+    if (!charged && ctx->charged) {
+        /* what was charged, for usage accounting and the metrics */
+        (void) ngx_http_llmlimit_usage_add_tokens(r, ctx->tokens);
+        ngx_http_llmlimit_metrics_tokens(ctx, ctx->tokens);
     }
 
     return NGX_OK;
@@ -1290,6 +1314,19 @@ ngx_http_llmlimit_get_zone(ngx_conf_t *cf, ngx_str_t *name)
     *zones = zd;
 
     return zd;
+}
+
+
+/* a zone named elsewhere (llmlimit_usage_zone redis=); checked as any */
+
+ngx_http_llmlimit_zone_t *
+ngx_http_llmlimit_zone_ref(ngx_conf_t *cf, ngx_str_t *name)
+{
+    ngx_http_llmlimit_zone_decl_t  *zd;
+
+    zd = ngx_http_llmlimit_get_zone(cf, name);
+
+    return zd ? &zd->zone : NULL;
 }
 
 
@@ -1943,6 +1980,50 @@ ngx_http_llmlimit_add_variables(ngx_conf_t *cf)
 }
 
 
+
+/* whether a table has a token budget in any rule, for any plan */
+
+static ngx_uint_t
+ngx_http_llmlimit_table_tokens(ngx_http_llmlimit_table_t *table)
+{
+    ngx_uint_t                   i, j, n;
+    ngx_http_llmlimit_rule_t    *rule;
+    ngx_http_llmlimit_limits_t  *limits;
+
+    rule = table->rules.elts;
+
+    for (i = 0; i < table->rules.nelts; i++) {
+        limits = rule[i].plans ? rule[i].plans->elts : NULL;
+        n = rule[i].plans ? rule[i].plans->nelts : 0;
+
+        for (j = 0; j <= n; j++) {
+            if (ngx_http_llmlimit_limits_tokens(j < n ? &limits[j]
+                                                      : &rule[i].deflt))
+            {
+                return 1;
+            }
+        }
+    }
+
+    return 0;
+}
+
+
+static ngx_uint_t
+ngx_http_llmlimit_limits_tokens(ngx_http_llmlimit_limits_t *limits)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < limits->nlimits; i++) {
+        if (limits->limits[i].tokens) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
 static ngx_int_t
 ngx_http_llmlimit_init(ngx_conf_t *cf)
 {
@@ -1964,6 +2045,12 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
                           "unknown llmlimit_zone \"%V\" in %V:%ui",
                           &zones[i]->zone.name, &zones[i]->ref.file,
                           zones[i]->ref.line);
+            return NGX_ERROR;
+        }
+
+        if (ngx_http_llmlimit_metrics_add_zone(cf, &zones[i]->zone)
+            != NGX_OK)
+        {
             return NGX_ERROR;
         }
 
@@ -1996,6 +2083,23 @@ ngx_http_llmlimit_init(ngx_conf_t *cf)
                           &table->name, &tables[i]->ref.file,
                           tables[i]->ref.line, table->zone->store->name,
                           &table->zone->name);
+            return NGX_ERROR;
+        }
+
+        if (table->zone->store->charge == NULL
+            && ngx_http_llmlimit_table_tokens(table))
+        {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "token budgets of llmlimit_rules \"%V\" in %V:%ui "
+                          "are not supported by the %s store of "
+                          "llmlimit_zone \"%V\"",
+                          &table->name, &tables[i]->ref.file,
+                          tables[i]->ref.line, table->zone->store->name,
+                          &table->zone->name);
+            return NGX_ERROR;
+        }
+
+        if (ngx_http_llmlimit_metrics_add_table(cf, table) != NGX_OK) {
             return NGX_ERROR;
         }
     }

@@ -16,6 +16,9 @@
 --   size=N     number of pre-built requests  (default: every key x type
 --              pair, capped at 100000)
 --   pipeline=N send N requests per write (default 1: no pipelining)
+--   distinct=1 the "distinct" workload instead of the mix: every request is
+--              POST /runs/query with its own x-api-key, key after key, so
+--              no two requests in flight share a counter (size: keys)
 --   chat=1     the LLM mix instead: GET /v1/chat/completions with an API
 --              key, for the token-budget scenarios
 
@@ -73,9 +76,17 @@ local function uuid(n)
 end
 
 
-local function build(keys, size, pipeline)
+local function build(keys, size, pipeline, distinct)
     local ntypes = #types
     local batch = {}
+
+    if distinct then
+        types = { { "POST", "/runs/query", "key" } }
+        ntypes = 1
+        if size == 0 then
+            size = keys
+        end
+    end
 
     if size == 0 then
         size = keys * ntypes / gcd(keys, ntypes)
@@ -117,6 +128,7 @@ function init(args)
     local size = 0
     local pipeline = 1
     local warmup = false
+    local distinct = false
     local n
 
     for _, a in ipairs(args) do
@@ -131,6 +143,8 @@ function init(args)
             pipeline = math.max(1, tonumber(value))
         elseif name == "warmup" then
             warmup = value ~= "0"
+        elseif name == "distinct" then
+            distinct = value ~= "0"
         elseif name == "chat" then
             if value ~= "0" then
                 types = { { "GET", "/v1/chat/completions", "key" } }
@@ -140,7 +154,7 @@ function init(args)
         end
     end
 
-    n = build(keys, size, pipeline)
+    n = build(keys, size, pipeline, distinct)
 
     if warmup then
         stop = n

@@ -21,7 +21,7 @@ PORT=${BENCH_PORT:-18480}
 REDIS_PORT=${BENCH_REDIS_PORT:-18479}
 NGINX=${BENCH_NGINX:-/usr/sbin/nginx}
 MODULE=${BENCH_MODULE:-$ROOT/build/ngx_http_llmlimit_module.so}
-SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-reject llmlimit-reject-quiet llmlimit-body llmlimit-tokens}
+SCENARIOS=${BENCH_SCENARIOS:-bare limit_req llmlimit-shm llmlimit-redis llmlimit-redis-sync llmlimit-reject llmlimit-reject-quiet llmlimit-body llmlimit-tokens distinct-bare distinct-shm distinct-redis distinct-lua}
 PARTS=${BENCH_PARTS:-throughput fill callgrind chart}
 CG_REQUESTS=${BENCH_CALLGRIND_REQUESTS:-20000}
 FILL_ZONE=${BENCH_FILL_ZONE:-4m}
@@ -152,12 +152,37 @@ langsmith_table() {
 
 # The key directory of llmlimit-shm-keys, once per run: every API key the
 # mix sends (KEYS), as a deployment would hold them: by their SHA-256, with
-# a plan, an organisation (ten keys each) and a short key.
+# a plan, an organisation (ten keys each) and a short key; $1 "full" adds
+# workspace, project and user (llmlimit-shm-usage's groups), in
+# keys-full.json.
 keys_file() {
-    [ -s "$RUN/keys.json" ] && return 0
-    perl "$BENCH/keys-gen.pl" "$KEYS" "$KEY_FORMAT" > "$RUN/keys.json.tmp"
-    chmod 644 "$RUN/keys.json.tmp"
-    mv "$RUN/keys.json.tmp" "$RUN/keys.json"
+    local kind=${1:-} f
+
+    f=$RUN/keys${kind:+-$kind}.json
+    [ -s "$f" ] && return 0
+    perl "$BENCH/keys-gen.pl" "$KEYS" $kind "$KEY_FORMAT" > "$f.tmp"
+    chmod 644 "$f.tmp"
+    mv "$f.tmp" "$f"
+}
+
+
+# the "distinct" workload (distinct-*): every request its own API key
+workload() {
+    case $1 in distinct-*) echo distinct=1 ;; *) echo distinct=0 ;; esac
+}
+
+
+# the scenario talks to the harness' redis-server
+uses_redis() {
+    case $1 in llmlimit-redis* | distinct-redis | distinct-lua) return 0 ;; esac
+    return 1
+}
+
+
+# the scenario loads the module
+uses_module() {
+    case $1 in llmlimit-* | distinct-shm | distinct-redis) return 0 ;; esac
+    return 1
 }
 
 
@@ -169,31 +194,66 @@ write_conf() {
     mkdir -p "$dir/html"
     chmod 755 "$dir" "$dir/html"
 
+    # the distinct workload's scenarios are the mix's, but distinct-lua
+    case $scn in
+    distinct-bare)  scn=bare ;;
+    distinct-shm)   scn=llmlimit-shm ;;
+    distinct-redis) scn=llmlimit-redis ;;
+    esac
+
     case $scn in
     bare)
+        ;;
+    distinct-lua)
+        # the Lua/Redis style (bench/redis-lua.lua) on the limit llmlimit's
+        # table gives POST /runs/query by API key, raised as for
+        # llmlimit-shm: 1500000 per 10s, a fixed window
+        load="load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;"
+        http="lua_package_path '$BENCH/?.lua;;';"
+        loc="access_by_lua_block {
+                require('redis-lua').check('127.0.0.1', $REDIS_PORT,
+                    ngx.var.http_x_api_key, 1500000, 10)
+            }"
         ;;
     limit_req)
         http="limit_req_zone \$http_x_api_key zone=bench:64m rate=1000000r/s;"
         loc="limit_req zone=bench burst=1000000 nodelay;"
         ;;
-    llmlimit-shm | llmlimit-shm-keys | llmlimit-redis | llmlimit-reject \
-    | llmlimit-reject-quiet | llmlimit-reject-logall)
+    llmlimit-shm | llmlimit-shm-keys | llmlimit-shm-usage | llmlimit-redis \
+    | llmlimit-redis-sync | llmlimit-reject | llmlimit-reject-quiet \
+    | llmlimit-reject-logall)
         local redis="" limits=raised params=""
         if [ "$scn" = llmlimit-redis ]; then redis=" redis=127.0.0.1:$REDIS_PORT"; fi
+        # -sync: decisions in shared memory, Redis every 100 ms
+        if [ "$scn" = llmlimit-redis-sync ]; then
+            redis=" redis=127.0.0.1:$REDIS_PORT redis_sync=100ms"
+        fi
         case $scn in llmlimit-reject*) limits=one ;; esac
         load="load_module $MODULE;"
         # -keys: a key directory of every API key of the mix; the table's
         # plan= is the key's plan, evaluated for every request the table
         # matches (all of them), so every request looks its key up; the
         # rules and limits are llmlimit-shm's
-        if [ "$scn" = llmlimit-shm-keys ]; then
-            keys_file
+        if [ "$scn" = llmlimit-shm-keys ] || [ "$scn" = llmlimit-shm-usage ]
+        then
+            local kf=""
+            if [ "$scn" = llmlimit-shm-usage ]; then kf=full; fi
+            keys_file $kf
             load="$load
 thread_pool  llmlimit_keys  threads=1;"
-            http="llmlimit_keys $RUN/keys.json thread_pool=llmlimit_keys;
+            http="llmlimit_keys $RUN/keys${kf:+-$kf}.json thread_pool=llmlimit_keys;
     "
             params="plan=\$llmlimit_key_plan"
             loc="llmlimit_key \$http_x_api_key;
+            "
+        fi
+        # -usage: -keys plus usage recorded for every request, in the
+        # groups of the key directory (workspace, project, user, short key)
+        if [ "$scn" = llmlimit-shm-usage ]; then
+            http="${http}llmlimit_usage_zone usage 32m;
+    "
+            loc="${loc}llmlimit_usage usage;
             "
         fi
         http="${http}llmlimit_zone bench 64m$redis;
@@ -427,6 +487,12 @@ wrk_run() {
 }
 
 
+# the redis-server's pid for a scenario that uses it, else nothing
+redis_pid() {
+    if uses_redis "$1"; then echo "$REDIS_PID"; fi
+}
+
+
 field() {
     # field NAME < "BENCHRESULT a=1 b=2"
     tr ' ' '\n' | sed -n "s/^$1=//p"
@@ -464,7 +530,7 @@ check_scenario() {
     fi
 
     case $scn in
-    llmlimit-*)
+    llmlimit-* | distinct-shm | distinct-redis | distinct-lua)
         if ! printf '%s' "$hdr" | grep -qi '^x-ratelimit-limit:'; then
             note "$scn: no X-RateLimit-Limit header on a limited request"
             return 1
@@ -472,7 +538,7 @@ check_scenario() {
         ;;
     esac
 
-    if [ "$scn" = llmlimit-redis ]; then
+    if uses_redis "$scn"; then
         local keys
         keys=$(redis_cli dbsize 2>/dev/null || echo 0)
         if [ "${keys:-0}" -lt 1 ]; then
@@ -498,19 +564,16 @@ throughput() {
         >> "$OUT/raw.tsv"
     printf '\tredis_cpu_pct\tserver_cpu_us_per_req\twrk_cpu_pct' \
         >> "$OUT/raw.tsv"
-    printf '\tother_cpu_pct\tsteal_pct\tloadavg\n' >> "$OUT/raw.tsv"
+    printf '\tother_cpu_pct\tsteal_pct\tloadavg\tredis_cpu_us_per_req\n' \
+        >> "$OUT/raw.tsv"
 
     for scn in $SCENARIOS; do
-        case $scn in
-        llmlimit-*)
-            if [ ! -f "$MODULE" ]; then
-                note "$scn skipped: no module at $MODULE"
-                continue
-            fi
-            ;;
-        esac
-        if [ "$scn" = llmlimit-redis ] && ! start_redis; then
-            note "llmlimit-redis skipped: redis-server did not start"
+        if uses_module "$scn" && [ ! -f "$MODULE" ]; then
+            note "$scn skipped: no module at $MODULE"
+            continue
+        fi
+        if uses_redis "$scn" && [ -z "${REDIS_PID:-}" ] && ! start_redis; then
+            note "$scn skipped: redis-server did not start"
             continue
         fi
         dir=$RUN/$scn
@@ -540,7 +603,7 @@ throughput() {
             dir=$RUN/$scn
             wrk_mix "$scn"
 
-            if [ "$scn" = llmlimit-redis ]; then redis_cli flushall >/dev/null; fi
+            if uses_redis "$scn"; then redis_cli flushall >/dev/null; fi
 
             if ! start_nginx "$dir"; then
                 note "$scn skipped: nginx did not start:" \
@@ -551,8 +614,8 @@ throughput() {
 
             # warm-up: one full pass over the pre-built requests, so every
             # counter exists (and, for reject, is over its limit)
-            wrk_run "$CONNECTIONS" 120s warmup=1 > "$dir/warmup.log" 2>&1 \
-                || true
+            wrk_run "$CONNECTIONS" 120s warmup=1 "$(workload "$scn")" \
+                > "$dir/warmup.log" 2>&1 || true
 
             if ! check_scenario "$scn"; then
                 stop_nginx
@@ -561,13 +624,12 @@ throughput() {
                 continue
             fi
 
-            redis=""
-            if [ "$scn" = llmlimit-redis ]; then redis=$REDIS_PID; fi
+            redis=$(redis_pid "$scn")
 
             children_cpu "$RUN/times.0"
             t0="$(cpu_ticks "$WORKER_PID") $(cpu_ticks "$redis")"
             t0="$t0 $(seconds "$RUN/times.0") $(core_ticks)"
-            res=$(wrk_run "$CONNECTIONS" "${DURATION}s" 2>&1 \
+            res=$(wrk_run "$CONNECTIONS" "${DURATION}s" "$(workload "$scn")" 2>&1 \
                   | tee "$dir/wrk.$r.log" | grep '^BENCHRESULT' || true)
             children_cpu "$RUN/times.1"
             t1="$(cpu_ticks "$WORKER_PID") $(cpu_ticks "$redis")"
@@ -607,7 +669,7 @@ throughput() {
                 my $other = $d[3] / $hz - $ngx - $red - $wrk;
                 $other = 0 if $other < 0;
                 printf "%d\t%s\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d"
-                    . "\t%.1f\t%.2f\t%.1f\t%.2f\t%.1f\t%.1f\t%.1f\t%s\n",
+                    . "\t%.1f\t%.2f\t%.1f\t%.2f\t%.1f\t%.1f\t%.1f\t%s\t%.2f\n",
                     $r, $scn, $f{requests} / $s, $f{p50_us}, $f{p90_us},
                     $f{p99_us}, $f{p999_us}, $f{requests}, $f{non2xx},
                     $f{connect_errors} + $f{read_errors} + $f{write_errors}
@@ -615,15 +677,15 @@ throughput() {
                     100 * $ngx / $s, 1e6 * $ngx / $n,
                     100 * $red / $s, 1e6 * ($ngx + $red) / $n,
                     100 * $wrk / $s, 100 * $other / $s,
-                    100 * $d[4] / $hz / $s, $load;
+                    100 * $d[4] / $hz / $s, $load, 1e6 * $red / $n;
             ' "$r" "$scn" "$res" "$t0" "$t1" "$HZ" \
               "$(cut -d' ' -f1-3 /proc/loadavg | tr ' ' /)" \
               | tee -a "$OUT/raw.tsv" | awk -F'\t' '{
                   printf "bench: round %s %-16s %6s req/s  p50 %5.2f ms" \
                          "  p99 %6.2f ms  cpu: nginx %s%% redis %s%%" \
-                         " wrk %s%% other %s%%\n",
+                         " wrk %s%% other %s%%  redis %s us/req\n",
                          $1, $2, $3, $4 / 1000, $6 / 1000, $11, $13, $15,
-                         $16 }' >&2
+                         $16, $19 }' >&2
         done
     done
 
@@ -646,7 +708,7 @@ while (<$in>) {
     my @f = split /\t/;
     my %row;
     @row{qw(round scn rps p50 p90 p99 p999 requests non2xx sockerr cpu
-            ngxreq rcpu cpureq wrk other steal load)} = @f;
+            ngxreq rcpu cpureq wrk other steal load redisreq)} = @f;
     push @order, $row{scn} unless $rows{$row{scn}};
     push @{ $rows{$row{scn}} }, \%row;
     $round{$row{round}}{$row{scn}} = \%row;
@@ -660,25 +722,37 @@ sub median {
 }
 
 my @sorted = grep { $rows{$_} }
-             qw(bare limit_req llmlimit-shm llmlimit-shm-keys llmlimit-redis
+             qw(bare limit_req llmlimit-shm llmlimit-shm-keys
+                llmlimit-shm-usage llmlimit-redis llmlimit-redis-sync
                 llmlimit-reject
                 llmlimit-reject-quiet llmlimit-reject-logall
                 llmlimit-body llmlimit-tokens llmlimit-body-64k
-                llmlimit-tokens-64k);
+                llmlimit-tokens-64k
+                distinct-bare distinct-shm distinct-redis distinct-lua);
 my %known = map { $_ => 1 } @sorted;
 push @sorted, grep { !$known{$_} } @order;
 
 print "| scenario | req/s | p50 ms | p99 ms | ratio to bare | non-2xx"
-    . " | nginx CPU | server CPU us/req | CPU ratio | wrk CPU | other load |\n";
-print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    . " | nginx CPU | server CPU us/req | CPU ratio | redis CPU us/req"
+    . " | wrk CPU | other load |\n";
+print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
 
 open my $out, '>', $dat or die "$dat: $!";
 print $out "# scenario rps p50_ms p99_ms ratio\n";
 
-my $bare_cpureq = $rows{bare} ? median(map { $_->{cpureq} } @{ $rows{bare} })
-                              : undef;
+# each workload's scenarios against its own bare run: distinct-* against
+# distinct-bare, the others against bare
+sub base { return $_[0] =~ /^distinct-/ ? "distinct-bare" : "bare"; }
+
+my %bare_cpureq;
+for my $b (qw(bare distinct-bare)) {
+    $bare_cpureq{$b} = median(map { $_->{cpureq} } @{ $rows{$b} })
+        if $rows{$b};
+}
 
 for my $scn (@sorted) {
+    my $base = base($scn);
+    my $bare_cpureq = $bare_cpureq{$base};
     my $r = $rows{$scn};
     my $rps = median(map { $_->{rps} } @$r);
     my $p50 = median(map { $_->{p50} } @$r) / 1000;
@@ -691,21 +765,23 @@ for my $scn (@sorted) {
     # the median of the per-round ratios: each pairs runs minutes apart
     my @ratios;
     for my $n (keys %round) {
-        my ($s, $b) = ($round{$n}{$scn}, $round{$n}{bare});
+        my ($s, $b) = ($round{$n}{$scn}, $round{$n}{$base});
         push @ratios, $s->{rps} / $b->{rps} if $s && $b && $b->{rps};
     }
     my $ratio = median(@ratios);
     my $cpuratio = $bare_cpureq && $cpureq ? $bare_cpureq / $cpureq : undef;
     my $wrk = median(map { $_->{wrk} } @$r);
     my $other = median(map { $_->{other} } @$r);
+    my $redisreq = median(map { $_->{redisreq} } @$r);
 
-    printf "| %s | %.0f | %.2f | %.2f | %s | %s | %.0f%% | %.2f | %s"
+    printf "| %s | %.0f | %.2f | %.2f | %s | %s | %.0f%% | %.2f | %s | %s"
         . " | %.0f%% | %.0f%% |\n",
         $scn, $rps, $p50, $p99,
         defined $ratio ? sprintf("%.3f", $ratio) : "-",
         $req ? sprintf("%.1f%%", 100 * $bad / $req) : "-",
         $cpu, $cpureq,
         defined $cpuratio ? sprintf("%.3f", $cpuratio) : "-",
+        $redisreq ? sprintf("%.2f", $redisreq) : "-",
         $wrk, $other;
     printf $out "%s %.0f %.3f %.3f %s\n", $scn, $rps, $p50, $p99,
         defined $ratio ? sprintf("%.3f", $ratio) : "NaN";
@@ -777,12 +853,12 @@ callgrind() {
         > "$OUT/callgrind.tsv"
 
     for scn in $SCENARIOS; do
-        case $scn in
-        llmlimit-*) [ -f "$MODULE" ] || continue ;;
-        esac
-        if [ "$scn" = llmlimit-redis ]; then
+        if uses_module "$scn" && [ ! -f "$MODULE" ]; then continue; fi
+        # LuaJIT's machine code is not what valgrind measures well
+        if [ "$scn" = distinct-lua ]; then continue; fi
+        if uses_redis "$scn"; then
             if ! redis_cli ping >/dev/null 2>&1 && ! start_redis; then
-                note "callgrind llmlimit-redis skipped: redis-server did not start"
+                note "callgrind $scn skipped: redis-server did not start"
                 continue
             fi
             redis_cli flushall >/dev/null
@@ -813,10 +889,11 @@ callgrind() {
             continue
         fi
 
-        wrk_run 1 600s warmup=1 > "$dir/warmup.log" 2>&1 || true
+        wrk_run 1 600s warmup=1 "$(workload "$scn")" > "$dir/warmup.log" 2>&1 \
+            || true
         callgrind_control -z "$pid" > /dev/null
-        res=$(wrk_run 1 600s stop="$CG_REQUESTS" 2>&1 | grep '^BENCHRESULT' \
-              || true)
+        res=$(wrk_run 1 600s stop="$CG_REQUESTS" "$(workload "$scn")" 2>&1 \
+              | grep '^BENCHRESULT' || true)
         callgrind_control -d "$pid" > /dev/null
         kill -QUIT "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
@@ -862,12 +939,13 @@ callgrind() {
             $ir{$s} = $per;
             push @order, $s;
         }
-        print "| scenario | instructions per request | over bare |\n";
+        print "| scenario | instructions per request | over its bare |\n";
         print "|---|---:|---:|\n";
         for my $s (@order) {
+            my $b = $s =~ /^distinct-/ ? "distinct-bare" : "bare";
             printf "| %s | %.0f | %s |\n", $s, $ir{$s},
-                defined $ir{bare} ? sprintf("%+.0f", $ir{$s} - $ir{bare})
-                                  : "-";
+                defined $ir{$b} ? sprintf("%+.0f", $ir{$s} - $ir{$b})
+                                : "-";
         }
     ' < "$OUT/callgrind.tsv" > "$OUT/callgrind.md"
 }
@@ -885,7 +963,7 @@ chart() {
 
 # --- main ----------------------------------------------------------------
 
-need_packages wrk gnuplot-nox valgrind redis-server curl
+need_packages wrk gnuplot-nox valgrind redis-server curl libnginx-mod-http-lua
 
 port_free "$PORT" || die "port $PORT is in use (set BENCH_PORT)"
 
@@ -946,7 +1024,8 @@ echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/env.txt"
         echo "## Instructions per request (callgrind, $CG_REQUESTS requests)"
         echo
         cat "$OUT/callgrind.md"
-        for f in "$OUT"/callgrind/llmlimit-*.per-request.txt; do
+        for f in "$OUT"/callgrind/llmlimit-*.per-request.txt \
+                 "$OUT"/callgrind/distinct-*.per-request.txt; do
             [ -s "$f" ] || continue
             echo
             echo "$(basename "$f" .per-request.txt): inclusive instructions" \

@@ -43,6 +43,8 @@
 
 typedef struct ngx_http_llmlimit_redis_s  ngx_http_llmlimit_redis_t;
 typedef struct ngx_http_llmlimit_store_s  ngx_http_llmlimit_store_t;
+typedef struct ngx_http_llmlimit_metrics_zone_s
+    ngx_http_llmlimit_metrics_zone_t;
 
 
 /*
@@ -91,6 +93,8 @@ typedef struct {
 
     ngx_array_t                    *plans;         /* limits_t per plan */
     ngx_http_llmlimit_limits_t      deflt;         /* any other plan */
+
+    ngx_atomic_t                   *metrics;       /* of its category */
 } ngx_http_llmlimit_rule_t;
 
 
@@ -101,8 +105,10 @@ typedef struct {
     ngx_queue_t                     lru;
     ngx_queue_t                     free;
     ngx_uint_t                      nodes;
-    ngx_uint_t                      evicted;
+    ngx_uint_t                      evicted;       /* since the warning */
+    ngx_uint_t                      evictions;     /* since the start */
     time_t                          warn_time;
+    void                           *store;         /* the store's own */
 } ngx_http_llmlimit_shctx_t;
 
 
@@ -115,6 +121,8 @@ typedef struct {
     ngx_http_llmlimit_store_t      *store;         /* where it counts */
     ngx_http_llmlimit_redis_t      *redis;         /* NULL: shm only */
     ngx_uint_t                      failure;       /* redis_failure= */
+    void                           *data;          /* the store's own */
+    ngx_http_llmlimit_metrics_zone_t  *metrics;    /* NULL: none */
 } ngx_http_llmlimit_zone_t;
 
 
@@ -144,6 +152,7 @@ typedef struct {
     ngx_http_complex_value_t       *plan;
     ngx_array_t                     rules;         /* of rule_t */
     ngx_http_llmlimit_match_t      *match;         /* one per rule */
+    ngx_atomic_t                   *metrics;       /* matched no rule */
 } ngx_http_llmlimit_table_t;
 
 
@@ -221,7 +230,9 @@ struct ngx_http_llmlimit_batch_s {
  * what the request used, "tokens", when it ends, in place of what each
  * token counter counted on admission (cost, the estimate), in the store
  * that counted it (src/ngx_http_llmlimit_algo.c: algo_charge()); a Redis
- * charge rides in the next call.  Counters of requests are left alone.
+ * charge rides in the next call.  Counters of requests are left alone.  A
+ * store without charge() (NULL) cannot count token budgets: nginx -t
+ * refuses a table with token budgets on its zones.
  *
  * Configuration: llmlimit_zone offers each of its "key=value" parameters
  * to the stores in the order of registration (ngx_http_llmlimit_stores[]
@@ -230,8 +241,14 @@ struct ngx_http_llmlimit_batch_s {
  * is invalid.  Then conf_done() of each store in the same order: the first
  * to return NGX_OK is the zone's store; NGX_DECLINED passes the zone on.
  * "algorithms" are the algorithms the store can count (bits
- * 1 << NGX_HTTP_LLMLIMIT_*).  option, init_module, init_process and
- * exit_process may be NULL.
+ * 1 << NGX_HTTP_LLMLIMIT_*).  option, init_module, init_process,
+ * charge, count and exit_process may be NULL.
+ *
+ * count() is told, under the zone's lock, of every change the
+ * shared-memory counters make for the zone's own check() and refund():
+ * n = 1 for a request counted at "time", n = -1 for one taken back.
+ * (Stores with count() have no charge(): token budgets are not counted
+ * there.)
  */
 struct ngx_http_llmlimit_store_s {
     char       *name;
@@ -248,6 +265,9 @@ struct ngx_http_llmlimit_store_s {
     void      (*refund)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b);
     void      (*charge)(ngx_http_request_t *r, ngx_http_llmlimit_batch_t *b,
                         ngx_uint_t tokens);
+    void      (*count)(ngx_http_llmlimit_zone_t *zone,
+                       ngx_http_llmlimit_counter_t *c, uint64_t k[2],
+                       int64_t time, ngx_int_t n);
     void      (*exit_process)(ngx_cycle_t *cycle,
                               ngx_http_llmlimit_zone_t *zone);
 };
@@ -261,6 +281,12 @@ extern ngx_module_t                     ngx_http_llmlimit_module;
 extern ngx_module_t                     ngx_http_llmlimit_keys_module;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_shm_store;
 extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_redis_store;
+extern ngx_http_llmlimit_store_t        ngx_http_llmlimit_sync_store;
+
+
+/* ngx_http_llmlimit_module.c */
+ngx_http_llmlimit_zone_t *ngx_http_llmlimit_zone_ref(ngx_conf_t *cf,
+    ngx_str_t *name);
 
 
 /* src/ngx_http_llmlimit_rules.c */
@@ -273,6 +299,10 @@ ngx_int_t ngx_http_llmlimit_rules_match(ngx_http_request_t *r,
     ngx_str_t *identity);
 ngx_http_llmlimit_limits_t *ngx_http_llmlimit_rule_limits(
     ngx_http_llmlimit_rule_t *rule, ngx_str_t *plan);
+
+
+/* src/ngx_http_llmlimit_keys.c */
+ngx_str_t *ngx_http_llmlimit_keys_request_fields(ngx_http_request_t *r);
 
 
 /* src/ngx_http_llmlimit_hash.c */
@@ -312,6 +342,8 @@ void ngx_http_llmlimit_shm_charge(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b);
 void ngx_http_llmlimit_shm_tokens(ngx_http_request_t *r,
     ngx_http_llmlimit_batch_t *b, ngx_uint_t tokens);
+ngx_http_llmlimit_state_t *ngx_http_llmlimit_shm_state_locked(
+    ngx_http_llmlimit_zone_t *zone, uint64_t k[2]);
 
 
 /* src/ngx_http_llmlimit_redis.c */
@@ -327,6 +359,33 @@ ngx_int_t ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
 void ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone);
+
+/* a command of another store over the zone's Redis connection */
+typedef struct ngx_http_llmlimit_redis_cmd_s  ngx_http_llmlimit_redis_cmd_t;
+
+struct ngx_http_llmlimit_redis_cmd_s {
+    /* reply: a redisReply, NULL if the connection was lost first */
+    void (*handler)(ngx_http_llmlimit_redis_cmd_t *cmd, void *reply);
+};
+
+ngx_int_t ngx_http_llmlimit_redis_command(ngx_http_llmlimit_redis_t *redis,
+    int argc, const char **argv, const size_t *argvlen,
+    ngx_http_llmlimit_redis_cmd_t *cmd);
+ngx_str_t *ngx_http_llmlimit_redis_prefix(ngx_http_llmlimit_redis_t *redis);
+
+/* a connection of its own to a zone's Redis (usage accounting) */
+struct redisAsyncContext;
+typedef void (*ngx_http_llmlimit_redis_reply_pt)(struct redisAsyncContext *ac,
+    void *reply, void *data);
+
+ngx_http_llmlimit_redis_t *ngx_http_llmlimit_redis_open(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone);
+ngx_int_t ngx_http_llmlimit_redis_own_command(
+    ngx_http_llmlimit_redis_t *redis, ngx_http_llmlimit_redis_reply_pt fn,
+    void *data, int argc, const char **argv, const size_t *argvlen);
+void ngx_http_llmlimit_redis_reset(ngx_http_llmlimit_redis_t *redis,
+    const char *reason);
+void ngx_http_llmlimit_redis_close(ngx_http_llmlimit_redis_t *redis);
 
 
 /* the module's configuration and request state */
@@ -413,6 +472,12 @@ typedef struct {
     ngx_uint_t                      estimate;      /* counted on admission */
     unsigned                        has_tokens:1;  /* has a token budget */
     unsigned                        charged:1;
+
+    /* the metrics of each table applied, by $llmlimit_status */
+    ngx_atomic_t                   *metrics[NGX_HTTP_LLMLIMIT_MAX_TABLES];
+    ngx_uint_t                      nmetrics;
+    ngx_uint_t                      unmatched;     /* bit i: metrics[i] is
+                                                      of no rule */
 } ngx_http_llmlimit_ctx_t;
 
 
@@ -444,6 +509,37 @@ ngx_int_t ngx_http_llmlimit_add_headers(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
 ngx_int_t ngx_http_llmlimit_reject(ngx_http_request_t *r,
     ngx_http_llmlimit_loc_conf_t *llcf, ngx_http_llmlimit_ctx_t *ctx);
+
+
+/* src/ngx_http_llmlimit_metrics.c */
+
+/* the Redis events of ngx_http_llmlimit_metrics_redis() */
+#define NGX_HTTP_LLMLIMIT_METRICS_CONNECTED   0  /* handshake done */
+#define NGX_HTTP_LLMLIMIT_METRICS_LOST        1  /* connection gone */
+#define NGX_HTTP_LLMLIMIT_METRICS_TIMEOUT     2  /* a request timed out */
+#define NGX_HTTP_LLMLIMIT_METRICS_OVERFLOW    3  /* too many replies owed */
+#define NGX_HTTP_LLMLIMIT_METRICS_PROTOCOL    4  /* reply of a wrong shape */
+#define NGX_HTTP_LLMLIMIT_METRICS_SCRIPT      5  /* error reply */
+#define NGX_HTTP_LLMLIMIT_METRICS_REPLY       6  /* a good reply */
+
+extern ngx_module_t                     ngx_http_llmlimit_metrics_module;
+
+ngx_int_t ngx_http_llmlimit_metrics_add_table(ngx_conf_t *cf,
+    ngx_http_llmlimit_table_t *table);
+ngx_int_t ngx_http_llmlimit_metrics_add_zone(ngx_conf_t *cf,
+    ngx_http_llmlimit_zone_t *zone);
+void ngx_http_llmlimit_metrics_request(ngx_http_llmlimit_ctx_t *ctx);
+void ngx_http_llmlimit_metrics_tokens(ngx_http_llmlimit_ctx_t *ctx,
+    ngx_uint_t n);
+void ngx_http_llmlimit_metrics_fallback(ngx_http_llmlimit_zone_t *zone);
+void ngx_http_llmlimit_metrics_redis(ngx_http_llmlimit_zone_t *zone,
+    ngx_uint_t event, uint64_t sent);
+uint64_t ngx_http_llmlimit_metrics_clock(void);
+
+
+/* src/ngx_http_llmlimit_keys.c */
+ngx_int_t ngx_http_llmlimit_keys_stats(ngx_cycle_t *cycle,
+    ngx_uint_t *nkeys, time_t *loaded, ngx_uint_t *failures);
 
 
 /* src/ngx_http_llmlimit_json.c */

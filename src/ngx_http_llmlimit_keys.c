@@ -116,6 +116,7 @@ typedef struct {
     void                           *pending;       /* its block */
     ngx_uint_t                      generation;
     time_t                          load_time;     /* of table */
+    ngx_uint_t                      failures;      /* loads that failed */
     ngx_uint_t                      epoch;         /* of the configuration */
 
     u_char                         *arena;         /* for the blocks */
@@ -642,6 +643,24 @@ ngx_http_llmlimit_keys_variable(ngx_http_request_t *r,
 }
 
 
+/*
+ * The directory's fields of the request's key for other modules (usage
+ * accounting), all in one lookup: in the order plan, org, workspace,
+ * workspace_name, project, project_name, user, user_email, short_key;
+ * empty for an unknown key.  NULL on error.
+ */
+
+ngx_str_t *
+ngx_http_llmlimit_keys_request_fields(ngx_http_request_t *r)
+{
+    ngx_http_llmlimit_keys_ctx_t  *ctx;
+
+    ctx = ngx_http_llmlimit_keys_lookup(r);
+
+    return ctx ? ctx->field : NULL;
+}
+
+
 /* every check=, in every worker: has the file changed? */
 
 static void
@@ -735,6 +754,7 @@ ngx_http_llmlimit_keys_check(ngx_http_llmlimit_keys_conf_t *kcf)
 
     if (st.err) {
         sh->failed = st;
+        sh->failures++;
         nkeys = sh->table ? sh->table->nkeys : 0;
 
         ngx_shmtx_unlock(&kcf->shpool->mutex);
@@ -947,6 +967,7 @@ ngx_http_llmlimit_keys_publish(ngx_http_llmlimit_keys_conf_t *kcf,
 
         if (b->rc == NGX_ERROR) {
             sh->failed = b->stat;
+            sh->failures++;
         }
     }
 
@@ -2677,6 +2698,36 @@ ngx_http_llmlimit_keys_image_cleanup(void *data)
  * is copied and published, and the epoch raised, by
  * ngx_http_llmlimit_keys_init_module(), past the point of no return.
  */
+
+/* for llmlimit_metrics; NGX_DECLINED: no key directory */
+
+ngx_int_t
+ngx_http_llmlimit_keys_stats(ngx_cycle_t *cycle, ngx_uint_t *nkeys,
+    time_t *loaded, ngx_uint_t *failures)
+{
+    ngx_http_llmlimit_keys_conf_t   *kcf;
+    ngx_http_llmlimit_keys_shctx_t  *sh;
+
+    kcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                              ngx_http_llmlimit_keys_module);
+
+    if (kcf == NULL || kcf->sh == NULL) {
+        return NGX_DECLINED;
+    }
+
+    sh = kcf->sh;
+
+    ngx_shmtx_lock(&kcf->shpool->mutex);
+
+    *nkeys = sh->table ? sh->table->nkeys : 0;
+    *loaded = sh->table ? sh->load_time : 0;
+    *failures = sh->failures;
+
+    ngx_shmtx_unlock(&kcf->shpool->mutex);
+
+    return NGX_OK;
+}
+
 
 static ngx_int_t
 ngx_http_llmlimit_keys_init_zone(ngx_shm_zone_t *shm_zone, void *data)

@@ -97,14 +97,20 @@
 #error "a call must hold the counters of a request"
 #endif
 
+#if (NGX_HTTP_LLMLIMIT_REDIS_KEYS > 256 || NGX_HTTP_LLMLIMIT_MAX_COUNTERS > 255)
+#error "a byte must say a counter's limit and a request's counters"
+#endif
+
 /*
- * EVALSHA sha numkeys key... m n... f (kind period count time amount)...
- * (kind period count cost)...
+ * EVALSHA sha numkeys key... m L f (kind period count cost)...
+ * (limit amount time)... ns limits; the keys of a call, entries included,
+ * are at most REDIS_KEYS, and so are its distinct limits
  */
 #define NGX_HTTP_LLMLIMIT_REDIS_ARGS                                          \
-    (5 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 6 * NGX_HTTP_LLMLIMIT_REDIS_KEYS)
+    (6 + NGX_HTTP_LLMLIMIT_REDIS_BATCH + 6 * NGX_HTTP_LLMLIMIT_REDIS_KEYS     \
+     + 3 * NGX_HTTP_LLMLIMIT_REDIS_REFUNDS)
 
-/* the script's kind of a counter: the algorithm, + 4 for a token budget */
+/* the script's kind of a limit: the algorithm, + 4 for a token budget */
 #define NGX_HTTP_LLMLIMIT_REDIS_TOKENS      4
 
 /* Redis' time in a reply, ms, below this */
@@ -153,12 +159,18 @@ struct ngx_http_llmlimit_redis_s {
     const char                    **argv;
     size_t                         *argvlen;
     u_char                         *buf;
+    u_char                         *cmd;           /* the call, formatted */
+    void                          **limits;        /* distinct, of a call */
+    u_char                         *idx;           /* a key's limit */
 
     u_char                          reason[128];
+
+    ngx_http_llmlimit_redis_peer_t  peer;          /* last found */
 
     unsigned                        healthy:1;
     unsigned                        exiting:1;
     unsigned                        moved:1;       /* reconnect at once */
+    unsigned                        found:1;       /* peer is set */
 };
 
 
@@ -220,6 +232,7 @@ struct ngx_http_llmlimit_redis_call_s {
     ngx_uint_t                      nkeys;         /* of the requests */
     ngx_uint_t                      nrefunds;
     int64_t                         now;           /* Redis', from the reply */
+    uint64_t                        sent;          /* us, for the metrics */
     ngx_queue_t                     queue;
     unsigned                        eval:1;        /* resent with EVAL */
     ngx_http_llmlimit_redis_wait_t *waits[NGX_HTTP_LLMLIMIT_REDIS_BATCH];
@@ -244,6 +257,10 @@ static ngx_http_llmlimit_redis_call_t *ngx_http_llmlimit_redis_call(
 static void ngx_http_llmlimit_redis_flush(ngx_event_t *ev);
 static ngx_int_t ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call);
+static u_char *ngx_http_llmlimit_redis_int(ngx_http_llmlimit_redis_t *redis,
+    int *a, u_char *p, int64_t v);
+static ngx_inline ngx_uint_t ngx_http_llmlimit_redis_same(
+    ngx_http_llmlimit_redis_counter_t *a, ngx_http_llmlimit_redis_counter_t *b);
 static u_char *ngx_http_llmlimit_redis_key(ngx_http_llmlimit_redis_t *redis,
     u_char *p, ngx_http_llmlimit_redis_counter_t *c);
 static void ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
@@ -294,6 +311,8 @@ static void ngx_http_llmlimit_redis_add_event(ngx_event_t *ev,
 static void ngx_http_llmlimit_redis_del_event(ngx_event_t *ev,
     ngx_int_t event);
 static void ngx_http_llmlimit_redis_free_connection(void *data);
+static ngx_int_t ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_redis_t *redis);
 
 
 ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
@@ -307,6 +326,7 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_redis_store = {
     ngx_http_llmlimit_redis_check,
     ngx_http_llmlimit_redis_refund,
     ngx_http_llmlimit_redis_charge,
+    NULL,
     ngx_http_llmlimit_redis_exit_process
 };
 
@@ -716,6 +736,8 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
             continue;
         }
 
+        call->sent = ngx_http_llmlimit_metrics_clock();
+
         if (ngx_http_llmlimit_redis_send(redis, call) != NGX_OK) {
             ngx_http_llmlimit_redis_fail(redis, "cannot send EVALSHA");
             ngx_http_llmlimit_redis_finish(redis, call, NGX_ERROR);
@@ -725,10 +747,13 @@ ngx_http_llmlimit_redis_flush(ngx_event_t *ev)
 
 
 /*
- * EVALSHA sha numkeys key... m n... f (kind period count time amount)...
- * (kind period count cost)... or, after NOSCRIPT, the same with EVAL and
- * the script: f refund or charge entries, then m requests of n counters
- * each (keys in the same order).  Keys are PREFIX{hex of the counter's
+ * EVALSHA sha numkeys key... m L f (kind period count cost)...
+ * (limit amount time)... ns limits, or, after NOSCRIPT, the same with EVAL
+ * and the script: f entries (refunds and token charges, signed amounts),
+ * then m requests of n counters each (keys in the same order, ns a byte
+ * per request, its n), each entry and counter naming one of the call's L
+ * distinct limits ("limits": a byte per counter; see
+ * ngx_http_llmlimit_redis_lua.h).  Keys are PREFIX{hex of the counter's
  * hash}:PERIOD, and "t" after it for a token budget: one budget's counters
  * share a hash slot, and no identity appears in clear.
  */
@@ -738,17 +763,53 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call)
 {
     int                                 k, a;
-    u_char                             *p, *start;
+    u_char                             *p, *start, *idx;
     size_t                             *argvlen;
-    ngx_uint_t                          i, j;
+    ngx_uint_t                          i, j, n, l, nlimits;
     const char                        **argv;
-    ngx_http_llmlimit_redis_wait_t     *w;
-    ngx_http_llmlimit_redis_refund_t   *rf;
-    ngx_http_llmlimit_redis_counter_t  *c;
+    ngx_http_llmlimit_redis_counter_t  *c, **limits;
 
     argv = redis->argv;
     argvlen = redis->argvlen;
+    limits = (ngx_http_llmlimit_redis_counter_t **) redis->limits;
+    idx = redis->idx;
     p = redis->buf;
+
+    /* the distinct limits, and each entry's and counter's, in KEYS order */
+
+    nlimits = 0;
+    l = 0;
+    n = 0;
+
+    for (j = 0; j < call->nrefunds + call->nwaits; j++) {
+
+        if (j < call->nrefunds) {
+            c = &call->refunds[j].counter;
+            i = 1;
+
+        } else {
+            c = call->waits[j - call->nrefunds]->counters;
+            i = call->waits[j - call->nrefunds]->n;
+        }
+
+        for ( /* void */ ; i; i--, c++) {
+
+            if (nlimits == 0 || !ngx_http_llmlimit_redis_same(limits[l], c)) {
+
+                for (l = 0; l < nlimits; l++) {
+                    if (ngx_http_llmlimit_redis_same(limits[l], c)) {
+                        break;
+                    }
+                }
+
+                if (l == nlimits) {
+                    limits[nlimits++] = c;
+                }
+            }
+
+            idx[n++] = (u_char) l;          /* l < REDIS_KEYS = 256 */
+        }
+    }
 
     if (call->eval) {
         argv[0] = "EVAL";
@@ -763,114 +824,110 @@ ngx_http_llmlimit_redis_send(ngx_http_llmlimit_redis_t *redis,
         argvlen[1] = redis->sha.len;
     }
 
-    start = p;
-    p = ngx_sprintf(p, "%ui", call->nrefunds + call->nkeys);
-    argv[2] = (const char *) start;
-    argvlen[2] = p - start;
+    k = 2;
+    a = 3 + n;
 
-    /* keys from 3; then m, the n's, f, and the numbers */
+    p = ngx_http_llmlimit_redis_int(redis, &k, p, n);
+    p = ngx_http_llmlimit_redis_int(redis, &a, p, call->nwaits);
+    p = ngx_http_llmlimit_redis_int(redis, &a, p, nlimits);
+    p = ngx_http_llmlimit_redis_int(redis, &a, p, call->nrefunds);
 
-    k = 3;
-    a = 3 + call->nrefunds + call->nkeys;
-
-    start = p;
-    p = ngx_sprintf(p, "%ui", call->nwaits);
-    argv[a] = (const char *) start;
-    argvlen[a++] = p - start;
-
-    for (j = 0; j < call->nwaits; j++) {
-        start = p;
-        p = ngx_sprintf(p, "%ui", call->waits[j]->n);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
+    for (l = 0; l < nlimits; l++) {
+        c = limits[l];
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->algorithm
+                                        + (c->tokens
+                                           ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
+                                           : 0));
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->period);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->count);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, c->cost);
     }
 
-    start = p;
-    p = ngx_sprintf(p, "%ui", call->nrefunds);
-    argv[a] = (const char *) start;
-    argvlen[a++] = p - start;
+    n = 0;
 
     for (i = 0; i < call->nrefunds; i++) {
-        rf = &call->refunds[i];
-        c = &rf->counter;
-
         start = p;
-        p = ngx_http_llmlimit_redis_key(redis, p, c);
+        p = ngx_http_llmlimit_redis_key(redis, p, &call->refunds[i].counter);
         argv[k] = (const char *) start;
         argvlen[k++] = p - start;
 
-        start = p;
-        p = ngx_sprintf(p, "%ui", c->algorithm
-                                  + (c->tokens ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
-                                               : 0));
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%M", c->period);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%ui", c->count);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%L", rf->time);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%L", rf->amount);
-        argv[a] = (const char *) start;
-        argvlen[a++] = p - start;
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, idx[n++] + 1);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p,
+                                        call->refunds[i].amount);
+        p = ngx_http_llmlimit_redis_int(redis, &a, p, call->refunds[i].time);
     }
 
+    /* a byte per request, its counters; a byte per counter, its limit */
+
+    argv[a] = (const char *) p;
+    argvlen[a++] = call->nwaits;
+
     for (j = 0; j < call->nwaits; j++) {
-        w = call->waits[j];
+        *p++ = (u_char) call->waits[j]->n;
+    }
 
-        for (i = 0; i < w->n; i++) {
-            c = &w->counters[i];
+    argv[a] = (const char *) p;
+    argvlen[a++] = call->nkeys;
 
+    p = ngx_cpymem(p, &idx[n], call->nkeys);
+
+    for (j = 0; j < call->nwaits; j++) {
+        c = call->waits[j]->counters;
+
+        for (i = call->waits[j]->n; i; i--, c++) {
             start = p;
             p = ngx_http_llmlimit_redis_key(redis, p, c);
             argv[k] = (const char *) start;
             argvlen[k++] = p - start;
-
-            start = p;
-            p = ngx_sprintf(p, "%ui",
-                            c->algorithm
-                            + (c->tokens ? NGX_HTTP_LLMLIMIT_REDIS_TOKENS
-                                         : 0));
-            argv[a] = (const char *) start;
-            argvlen[a++] = p - start;
-
-            start = p;
-            p = ngx_sprintf(p, "%M", c->period);
-            argv[a] = (const char *) start;
-            argvlen[a++] = p - start;
-
-            start = p;
-            p = ngx_sprintf(p, "%ui", c->count);
-            argv[a] = (const char *) start;
-            argvlen[a++] = p - start;
-
-            start = p;
-            p = ngx_sprintf(p, "%ui", c->cost);
-            argv[a] = (const char *) start;
-            argvlen[a++] = p - start;
         }
     }
 
-    if (redisAsyncCommandArgv(redis->ac, ngx_http_llmlimit_redis_reply, call,
-                              a, argv, argvlen)
+    /*
+     * the command in the protocol, written here: hiredis 0.14's
+     * redisAsyncCommandArgv() formats each argument with sdscatfmt(),
+     * which cost more than the rest of the request together
+     */
+
+    p = ngx_sprintf(redis->cmd, "*%d\r\n", a);
+
+    for (i = 0; i < (ngx_uint_t) a; i++) {
+        p = ngx_sprintf(p, "$%uz\r\n", argvlen[i]);
+        p = ngx_cpymem(p, argv[i], argvlen[i]);
+        *p++ = CR; *p++ = LF;
+    }
+
+    if (redisAsyncFormattedCommand(redis->ac, ngx_http_llmlimit_redis_reply,
+                                   call, (const char *) redis->cmd,
+                                   p - redis->cmd)
         != REDIS_OK)
     {
         return NGX_ERROR;
     }
 
     return NGX_OK;
+}
+
+
+/* a number argument at argv[*a] */
+
+static u_char *
+ngx_http_llmlimit_redis_int(ngx_http_llmlimit_redis_t *redis, int *a,
+    u_char *p, int64_t v)
+{
+    redis->argv[*a] = (const char *) p;
+    redis->argvlen[*a] = ngx_sprintf(p, "%L", v) - p;
+
+    return p + redis->argvlen[(*a)++];
+}
+
+
+static ngx_inline ngx_uint_t
+ngx_http_llmlimit_redis_same(ngx_http_llmlimit_redis_counter_t *a,
+    ngx_http_llmlimit_redis_counter_t *b)
+{
+    return a->algorithm == b->algorithm && a->period == b->period
+           && a->count == b->count && a->cost == b->cost
+           && a->tokens == b->tokens;
 }
 
 
@@ -949,6 +1006,14 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
         ngx_http_llmlimit_redis_ok(redis);
     }
 
+    ngx_http_llmlimit_metrics_redis(redis->zone,
+                                    rc != NGX_ERROR
+                                    ? NGX_HTTP_LLMLIMIT_METRICS_REPLY
+                                    : rp->type == REDIS_REPLY_ERROR
+                                    ? NGX_HTTP_LLMLIMIT_METRICS_SCRIPT
+                                    : NGX_HTTP_LLMLIMIT_METRICS_PROTOCOL,
+                                    call->sent);
+
     ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
                    "llmlimit redis reply: %i, %ui requests, %ui refunds",
                    rc, call->nwaits, call->nrefunds);
@@ -959,8 +1024,10 @@ ngx_http_llmlimit_redis_reply(redisAsyncContext *ac, void *reply,
 
 /*
  * validates the whole reply before it touches a counter: Redis' time,
- * then each request's status and its counters' results; sets each
- * request's rc and, for those still waiting, their counters' results
+ * then each request's status and its counters' results (two numbers per
+ * counter of a counted request, remaining and reset; four of a rejected
+ * one, rejected, remaining, reset, retry); sets each request's rc and,
+ * for those still waiting, their counters' results
  */
 
 static ngx_int_t
@@ -968,8 +1035,8 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
     ngx_http_llmlimit_redis_call_t *call, redisReply *reply)
 {
     long long                           v, max;
-    ngx_uint_t                          i, j, k, o, rejected;
-    redisReply                        **e;
+    ngx_uint_t                          i, j, k, o, w4, rejected;
+    redisReply                        **e, **f;
     ngx_http_llmlimit_counter_t        *c;
     ngx_http_llmlimit_redis_wait_t     *w;
     ngx_http_llmlimit_redis_counter_t  *wc;
@@ -980,7 +1047,7 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
     }
 
     if (reply->type != REDIS_REPLY_ARRAY
-        || reply->elements != 1 + call->nwaits + 4 * call->nkeys)
+        || reply->elements < 1 + call->nwaits + 2 * call->nkeys)
     {
         ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
         return NGX_ERROR;
@@ -1002,18 +1069,41 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         return NGX_ERROR;
     }
 
-    /* request k's results start at o: status, then 4 per counter */
+    /*
+     * request k's results start at o: status, then 2 or 4 per counter;
+     * the elements are checked to be there before they are read
+     */
 
-    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + w4 * w->n) {
         w = call->waits[k];
+
+        if (o >= reply->elements || (v = e[o]->integer) < 0 || v > 1) {
+            ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
+            return NGX_ERROR;
+        }
+
+        w4 = v ? 4 : 2;
+
+        if (o + w4 * w->n >= reply->elements) {
+            ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
+            return NGX_ERROR;
+        }
+
         rejected = 0;
 
         for (i = 0; i < w->n; i++) {
             wc = &w->counters[i];
             max = 2 * (long long) wc->period + 1000;
 
-            for (j = 1; j <= 4; j++) {
-                v = e[o + 4 * i + j]->integer;
+            /*
+             * f[1] rejected, f[2] remaining, f[3] reset, f[4] retry; a
+             * counted request's counters have f[2] and f[3] only
+             */
+
+            f = &e[o + w4 * i + 1] - (w4 == 4 ? 1 : 2);
+
+            for (j = (w4 == 4 ? 1 : 2); j <= (w4 == 4 ? 4 : 3); j++) {
+                v = f[j]->integer;
 
                 if (v < 0
                     || (j == 1 && v > 1)
@@ -1025,7 +1115,9 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
                 }
             }
 
-            rejected |= e[o + 4 * i + 1]->integer;
+            if (w4 == 4) {
+                rejected |= f[1]->integer;
+            }
         }
 
         if (e[o]->integer != (long long) rejected) {
@@ -1034,10 +1126,16 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
         }
     }
 
+    if (o != reply->elements) {
+        ngx_http_llmlimit_redis_fail(redis, "unexpected reply");
+        return NGX_ERROR;
+    }
+
     call->now = e[0]->integer;
 
-    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + 4 * w->n) {
+    for (k = 0, o = 1; k < call->nwaits; k++, o += 1 + w4 * w->n) {
         w = call->waits[k];
+        w4 = e[o]->integer ? 4 : 2;
         w->rc = e[o]->integer ? NGX_BUSY : NGX_OK;
 
         if (w->r == NULL) {
@@ -1046,11 +1144,19 @@ ngx_http_llmlimit_redis_result(ngx_http_llmlimit_redis_t *redis,
 
         for (i = 0; i < w->n; i++) {
             c = &w->b->counters[i];
+            f = &e[o + w4 * i + 1] - (w4 == 4 ? 1 : 2);
 
-            c->rejected = e[o + 4 * i + 1]->integer ? 1 : 0;
-            c->remaining = (ngx_uint_t) e[o + 4 * i + 2]->integer;
-            c->reset = (ngx_msec_t) e[o + 4 * i + 3]->integer;
-            c->retry = (ngx_msec_t) e[o + 4 * i + 4]->integer;
+            if (w4 == 4) {
+                c->rejected = f[1]->integer ? 1 : 0;
+                c->retry = (ngx_msec_t) f[4]->integer;
+
+            } else {
+                c->rejected = 0;
+                c->retry = 0;
+            }
+
+            c->remaining = (ngx_uint_t) f[2]->integer;
+            c->reset = (ngx_msec_t) f[3]->integer;
         }
     }
 
@@ -1198,6 +1304,11 @@ ngx_http_llmlimit_redis_slow(ngx_http_llmlimit_redis_t *redis,
         redis->overflows++;
     }
 
+    ngx_http_llmlimit_metrics_redis(redis->zone,
+                                    what == NGX_HTTP_LLMLIMIT_REDIS_TIMEOUT
+                                    ? NGX_HTTP_LLMLIMIT_METRICS_TIMEOUT
+                                    : NGX_HTTP_LLMLIMIT_METRICS_OVERFLOW, 0);
+
     if (!redis->warn.timer_set && !ngx_http_llmlimit_redis_quitting(redis)) {
         ngx_add_timer(&redis->warn, 1000);
     }
@@ -1311,6 +1422,21 @@ ngx_http_llmlimit_redis_connect(ngx_http_llmlimit_redis_t *redis)
 
     redis->state = NGX_HTTP_LLMLIMIT_REDIS_FINDING;
 
+    if (redis != redis->zone->redis) {
+
+        /* a connection of its own goes where the zone's last went */
+
+        if (redis->zone->redis->found) {
+            ngx_http_llmlimit_redis_found(redis, &redis->zone->redis->peer,
+                                          NULL);
+
+        } else {
+            ngx_http_llmlimit_redis_gone(redis, "no address yet");
+        }
+
+        return;
+    }
+
     ngx_http_llmlimit_redis_addr_find(redis->where);
 }
 
@@ -1330,6 +1456,11 @@ ngx_http_llmlimit_redis_found(ngx_http_llmlimit_redis_t *redis,
     if (peer == NULL) {
         ngx_http_llmlimit_redis_gone(redis, error);
         return;
+    }
+
+    if (redis == redis->zone->redis) {
+        redis->peer = *peer;
+        redis->found = 1;
     }
 
     ngx_log_debug3(NGX_LOG_DEBUG_HTTP, redis->log, 0,
@@ -1539,6 +1670,10 @@ ngx_http_llmlimit_redis_handshake(redisAsyncContext *ac, void *reply,
             redis->state = NGX_HTTP_LLMLIMIT_REDIS_READY;
             redis->backoff = 0;
 
+            ngx_http_llmlimit_metrics_redis(redis->zone,
+                                            NGX_HTTP_LLMLIMIT_METRICS_CONNECTED,
+                                            0);
+
             if (redis->event.timer_set) {
                 ngx_del_timer(&redis->event);
             }
@@ -1594,6 +1729,9 @@ ngx_http_llmlimit_redis_gone(ngx_http_llmlimit_redis_t *redis,
     if (ngx_http_llmlimit_redis_quitting(redis)) {
         return;
     }
+
+    ngx_http_llmlimit_metrics_redis(redis->zone, NGX_HTTP_LLMLIMIT_METRICS_LOST,
+                                    0);
 
     ngx_http_llmlimit_redis_fail(redis, reason);
     ngx_http_llmlimit_redis_schedule(redis);
@@ -2317,23 +2455,71 @@ ngx_http_llmlimit_redis_init_module(ngx_cycle_t *cycle,
 }
 
 
+/*
+ * Sends a command of another store (the sync store's push) over the
+ * worker's connection, pipelined with the others; NGX_DECLINED while the
+ * connection is not ready.
+ */
+
+static void
+ngx_http_llmlimit_redis_command_reply(redisAsyncContext *ac, void *reply,
+    void *data)
+{
+    ngx_http_llmlimit_redis_cmd_t  *cmd = data;
+
+    cmd->handler(cmd, reply);
+}
+
+
+ngx_int_t
+ngx_http_llmlimit_redis_command(ngx_http_llmlimit_redis_t *redis, int argc,
+    const char **argv, const size_t *argvlen,
+    ngx_http_llmlimit_redis_cmd_t *cmd)
+{
+    if (redis->state != NGX_HTTP_LLMLIMIT_REDIS_READY || redis->ac == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (redisAsyncCommandArgv(redis->ac, ngx_http_llmlimit_redis_command_reply,
+                              cmd, argc, argv, argvlen)
+        != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_str_t *
+ngx_http_llmlimit_redis_prefix(ngx_http_llmlimit_redis_t *redis)
+{
+    return &redis->prefix;
+}
+
+
 /* the worker */
 
 ngx_int_t
 ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone)
 {
-    size_t                      size;
-    ngx_http_llmlimit_redis_t  *redis;
-
-    redis = zone->redis;
-
-    if (redis == NULL
+    if (zone->redis == NULL
         || (ngx_process != NGX_PROCESS_WORKER
             && ngx_process != NGX_PROCESS_SINGLE))
     {
         return NGX_OK;
     }
+
+    return ngx_http_llmlimit_redis_start(cycle, zone->redis);
+}
+
+
+static ngx_int_t
+ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_redis_t *redis)
+{
+    size_t  size;
 
     redis->log = cycle->log;
 
@@ -2347,18 +2533,32 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->argvlen = ngx_palloc(redis->pool,
                                 NGX_HTTP_LLMLIMIT_REDIS_ARGS * sizeof(size_t));
 
+    redis->limits = ngx_palloc(redis->pool,
+                               NGX_HTTP_LLMLIMIT_REDIS_KEYS * sizeof(void *));
+    redis->idx = ngx_pnalloc(redis->pool, NGX_HTTP_LLMLIMIT_REDIS_KEYS);
+
     /*
-     * a key and up to five numbers per counter or refund, a number per
-     * request, three
+     * per key (counter or entry): the key ("t" for a token budget), its
+     * limit (four numbers at most), its index and an entry's two numbers;
+     * a number per request, four
      */
 
     size = NGX_HTTP_LLMLIMIT_REDIS_KEYS
-           * (redis->prefix.len + sizeof("{}:t") - 1 + 32 + 6 * NGX_INT64_LEN)
-           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 3) * NGX_INT64_LEN;
+           * (redis->prefix.len + sizeof("{}:t") - 1 + 32 + 8 * NGX_INT64_LEN)
+           + (NGX_HTTP_LLMLIMIT_REDIS_BATCH + 4) * NGX_INT64_LEN;
 
     redis->buf = ngx_pnalloc(redis->pool, size);
 
-    if (redis->argv == NULL || redis->argvlen == NULL || redis->buf == NULL) {
+    /* the arguments, the script, and a header for each */
+
+    size += sizeof(ngx_http_llmlimit_redis_lua) + sizeof("EVALSHA")
+            + (NGX_HTTP_LLMLIMIT_REDIS_ARGS + 1) * (NGX_SIZE_T_LEN + 5);
+
+    redis->cmd = ngx_pnalloc(redis->pool, size);
+
+    if (redis->argv == NULL || redis->argvlen == NULL || redis->buf == NULL
+        || redis->cmd == NULL || redis->limits == NULL || redis->idx == NULL)
+    {
         return NGX_ERROR;
     }
 
@@ -2391,8 +2591,11 @@ ngx_http_llmlimit_redis_init_process(ngx_cycle_t *cycle,
     redis->exiting = 0;
     redis->moved = 0;
 
-    ngx_http_llmlimit_redis_addr_init_process(redis->where, cycle->log,
-                                              redis->timeout, redis);
+    if (redis == redis->zone->redis) {
+        ngx_http_llmlimit_redis_addr_init_process(redis->where, cycle->log,
+                                                  redis->timeout, redis);
+    }
+
     ngx_http_llmlimit_redis_connect(redis);
 
     return NGX_OK;
@@ -2403,19 +2606,98 @@ void
 ngx_http_llmlimit_redis_exit_process(ngx_cycle_t *cycle,
     ngx_http_llmlimit_zone_t *zone)
 {
+    if (zone->redis) {
+        ngx_http_llmlimit_redis_close(zone->redis);
+    }
+}
+
+
+/*
+ * A connection of its own to a zone's Redis, for the worker, for other
+ * users than the store (usage accounting): the same configuration, the
+ * same handshake and reconnection, and commands of their own sent with
+ * ngx_http_llmlimit_redis_own_command(), so that they never wait behind the
+ * store's calls nor these behind them.
+ */
+
+ngx_http_llmlimit_redis_t *
+ngx_http_llmlimit_redis_open(ngx_cycle_t *cycle,
+    ngx_http_llmlimit_zone_t *zone)
+{
+    size_t                      conf;
+    ngx_http_llmlimit_redis_t  *redis;
+
+    redis = ngx_pcalloc(cycle->pool, sizeof(ngx_http_llmlimit_redis_t));
+    if (redis == NULL) {
+        return NULL;
+    }
+
+    /* the configuration, before "ac" */
+
+    conf = offsetof(ngx_http_llmlimit_redis_t, ac);
+    ngx_memcpy(redis, zone->redis, conf);
+
+    if (ngx_http_llmlimit_redis_start(cycle, redis) != NGX_OK) {
+        return NULL;
+    }
+
+    return redis;
+}
+
+
+/*
+ * Sends a command on the connection if it is ready (NGX_DECLINED if not);
+ * fn(ac, reply, data) is called with the reply, or with NULL if the
+ * connection is lost first.
+ */
+
+ngx_int_t
+ngx_http_llmlimit_redis_own_command(ngx_http_llmlimit_redis_t *redis,
+    ngx_http_llmlimit_redis_reply_pt fn, void *data, int argc,
+    const char **argv, const size_t *argvlen)
+{
+    if (redis->state != NGX_HTTP_LLMLIMIT_REDIS_READY
+        || ngx_http_llmlimit_redis_quitting(redis))
+    {
+        return NGX_DECLINED;
+    }
+
+    if (redisAsyncCommandArgv(redis->ac, (redisCallbackFn *) fn, data, argc,
+                              argv, argvlen)
+        != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* gives up on a connection that owes replies for too long */
+
+void
+ngx_http_llmlimit_redis_reset(ngx_http_llmlimit_redis_t *redis,
+    const char *reason)
+{
+    ngx_http_llmlimit_redis_drop(redis, reason);
+}
+
+
+void
+ngx_http_llmlimit_redis_close(ngx_http_llmlimit_redis_t *redis)
+{
     ngx_queue_t                     *q;
-    ngx_http_llmlimit_redis_t       *redis;
     ngx_http_llmlimit_redis_wait_t  *w;
 
-    redis = zone->redis;
-
-    if (redis == NULL || redis->pool == NULL) {
+    if (redis->pool == NULL) {
         return;
     }
 
     redis->exiting = 1;
 
-    ngx_http_llmlimit_redis_addr_exit_process(redis->where);
+    if (redis == redis->zone->redis) {
+        ngx_http_llmlimit_redis_addr_exit_process(redis->where);
+    }
 
     if (redis->event.timer_set) {
         ngx_del_timer(&redis->event);

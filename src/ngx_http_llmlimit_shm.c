@@ -100,6 +100,7 @@ ngx_http_llmlimit_store_t  ngx_http_llmlimit_shm_store = {
     ngx_http_llmlimit_shm_store_check,
     ngx_http_llmlimit_shm_store_refund,
     ngx_http_llmlimit_shm_store_charge,
+    NULL,
     NULL
 };
 
@@ -226,6 +227,12 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
                 ngx_http_llmlimit_algo_count(st[i], c, now);
             }
 
+            if (mode == NGX_HTTP_LLMLIMIT_SHM_CHECK && zone->store->count) {
+                ngx_http_llmlimit_shm_key(c, k);
+                zone->store->count(zone, c, k, now,
+                                   c->tokens ? (ngx_int_t) c->cost : 1);
+            }
+
             if (nodes[i]) {
                 expires = ngx_http_llmlimit_algo_expires(st[i], c);
                 ln = ngx_http_llmlimit_node(nodes[i]);
@@ -236,6 +243,7 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
 
     if (evicted) {
         zone->sh->evicted += evicted;
+        zone->sh->evictions += evicted;
 
         if (sec - zone->sh->warn_time >= NGX_HTTP_LLMLIMIT_WARN_PERIOD) {
             zone->sh->warn_time = sec;
@@ -289,6 +297,11 @@ ngx_http_llmlimit_shm_refund(ngx_http_request_t *r,
         if (node != NULL) {
             ngx_http_llmlimit_algo_refund(&ngx_http_llmlimit_node(node)->state,
                                           c, b->local_time);
+        }
+
+        if (zone->store->count) {
+            zone->store->count(zone, c, k, b->local_time,
+                               c->tokens ? -(ngx_int_t) c->cost : -1);
         }
     }
 
@@ -368,6 +381,23 @@ ngx_http_llmlimit_shm_store_charge(ngx_http_request_t *r,
     if (b->local) {
         ngx_http_llmlimit_shm_tokens(r, b, tokens);
     }
+}
+
+
+/* the state of a counter by its key, NULL if none; under the zone's lock */
+
+ngx_http_llmlimit_state_t *
+ngx_http_llmlimit_shm_state_locked(ngx_http_llmlimit_zone_t *zone,
+    uint64_t k[2])
+{
+    ngx_rbtree_node_t  *node;
+
+    node = ngx_http_llmlimit_shm_lookup(zone, (ngx_rbtree_key_t) k[0], k[1]);
+    if (node == NULL) {
+        return NULL;
+    }
+
+    return &ngx_http_llmlimit_node(node)->state;
 }
 
 
@@ -691,7 +721,9 @@ ngx_http_llmlimit_shm_init(ngx_shm_zone_t *shm_zone,
     ngx_queue_init(&sh->free);
     sh->nodes = 0;
     sh->evicted = 0;
+    sh->evictions = 0;
     sh->warn_time = 0;
+    sh->store = NULL;
 
     len = sizeof(" in llmlimit zone \"\"") + shm_zone->shm.name.len;
 

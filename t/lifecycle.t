@@ -141,13 +141,15 @@ for my $store ('shm', 'redis') {
         is($remaining->(), 3, "$store: count changed: the counter was kept");
 
         if ($rd) {
-            # decided in Redis: one key per period, both fixed-window now
+            # decided in Redis: a key per period and algorithm (and window:
+            # s sliding, f fixed), each holding what it counted
             my @keys = sort $rd->keys;
-            is_deeply([ map { [ /:(\d+)$/, ($rd->cmd('GET', $_) =~ /^(\d)/) ] }
+            is_deeply([ map { [ /:(\d+):([fs])\d+$/, $rd->cmd('GET', $_) ] }
                         @keys ],
-                      [ [ 3600000, 1 ], [ 7200000, 1 ] ],
-                      'redis: keys PREFIX{hash}:3600000 and :7200000, '
-                      . 'algorithm 1 (fixed)')
+                      [ [ 3600000, 'f', 1 ], [ 3600000, 's', 3 ],
+                        [ 7200000, 'f', 2 ] ],
+                      'redis: keys PREFIX{hash}:PERIOD:fWINDOW and '
+                      . ':sWINDOW, what each counted')
                 or diag(join ', ', map { "$_ = " . $rd->cmd('GET', $_) }
                                    @keys);
         }

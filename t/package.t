@@ -70,6 +70,8 @@ like(LLMLimit::Test::slurp($SNIP) // '',
 is(readlink($LINK), $SNIP, "enabled: $LINK");
 ok(-f "/usr/share/doc/$PKG/examples/conf.example", 'conf.example shipped');
 ok(-f "/usr/share/doc/$PKG/README.md.gz", 'README shipped');
+ok(-f "/usr/share/llmlimit/ui/$_", "the usage page's $_ shipped")
+    for qw(index.html app.js style.css);
 
 {
     # Debian's nginx, whatever LLMLIMIT_NGINX says; the module comes from
@@ -88,6 +90,10 @@ ok(-f "/usr/share/doc/$PKG/README.md.gz", 'README shipped');
         config => q{
             llmlimit pkg;
             location / { proxy_pass http://backend; }
+            location /usage-ui/ {
+                llmlimit off;
+                alias /usr/share/llmlimit/ui/;
+            }
         },
     );
 
@@ -117,6 +123,10 @@ ok(-f "/usr/share/doc/$PKG/README.md.gz", 'README shipped');
     is($r->json && $r->json->{error}{category}, 'Packaged',
        '429 body names the category');
 
+    $r = $c->req('GET /usage-ui/');
+    is($r->status, 200, 'the usage page served from the package');
+    like($r->body, qr{<title>Granular usage}, 'the usage page itself');
+
     $t->stop;
 }
 
@@ -128,6 +138,7 @@ ok(!-e $SO, "$SO removed");
 ok(!-e $SNIP, "$SNIP removed");
 ok(!-e $LINK && !-l $LINK, "$LINK removed");
 ok(!-e "/usr/share/doc/$PKG", "/usr/share/doc/$PKG removed");
+ok(!-e '/usr/share/llmlimit', '/usr/share/llmlimit removed');
 $we_installed = 0 unless installed();
 
 finish();

@@ -76,8 +76,8 @@ __DATA__
 volatile ngx_time_t  *ngx_cached_time;
 
 static const char  now_line[] =
-    "local now = tonumber(tm[1]) * 1000 + floor(tonumber(tm[2]) / 1000)\n";
-static const char  ttl_expr[] = "'PX', max(e - now, 1)";
+    "local now = tm[1] * 1000 + floor(tm[2] / 1000)\n";
+static const char  ttl_expr[] = "max(e - now, 1)";
 
 
 static char *
@@ -96,7 +96,7 @@ script_with_clock(void)
         exit(1);
     }
 
-    sprintf(s, "%.*slocal now = tonumber(ARGV[#ARGV])\n%.*s'PX', 1e9%s",
+    sprintf(s, "%.*slocal now = tonumber(ARGV[#ARGV])\n%.*s1e9%s",
             (int) (p - src), src,
             (int) (q - p - strlen(now_line)), p + strlen(now_line),
             q + strlen(ttl_expr));
@@ -113,16 +113,16 @@ main(int argc, char **argv)
     };
 
     int            port, it, iters, i, j, n, k, k2, steps, ac, bad, m, q;
-    int            o;
+    int            o, w;
     int            nkeys, nq[MAXREQ], rej[MAXREQ];
     long           total, refunds, charges;
-    char          *script, keys[3][64], nums[12][32], nn[MAXREQ + 4][32];
-    char           amounts[6][32];
-    int            e, ne, ek[6];
+    char          *script, keys[3][64], nums[12][32], nn[MAXREQ + 4][32],
+                   lim[3][8], ns[MAXREQ], cs[3 * MAXREQ], amounts[6][32];
+    int            x, ne, ek[6];
     int64_t        now, dt, amount, used, later;
-    size_t         al[16 + 6 * MAXREQ * 3];
-    const char    *av[16 + 6 * MAXREQ * 3];
-    redisReply    *r;
+    size_t         al[32 + 6 * MAXREQ * 3];
+    const char    *av[32 + 6 * MAXREQ * 3];
+    redisReply    *r, *e;
     redisContext  *rc;
 
     ngx_http_llmlimit_counter_t  c[3], out[MAXREQ][3];
@@ -219,7 +219,10 @@ main(int argc, char **argv)
                 }
             }
 
-            /* the script */
+            /*
+             * the script: counter i of every request has limit i + 1
+             * (kind, period, count, cost)
+             */
 
             for (i = 0; i < n; i++) {
                 sprintf(nums[4 * i], "%d",
@@ -227,6 +230,7 @@ main(int argc, char **argv)
                 sprintf(nums[4 * i + 1], "%lu", (unsigned long) c[i].period);
                 sprintf(nums[4 * i + 2], "%lu", (unsigned long) c[i].count);
                 sprintf(nums[4 * i + 3], "%lu", (unsigned long) c[i].cost);
+                sprintf(lim[i], "%d", i + 1);
             }
 
             nkeys = 0;
@@ -239,6 +243,7 @@ main(int argc, char **argv)
             sprintf(nn[MAXREQ], "%d", nkeys);
             sprintf(nn[MAXREQ + 1], "%d", m);
             sprintf(nn[MAXREQ + 2], "%lld", (long long) now);
+            sprintf(nn[MAXREQ + 3], "%d", n);
 
             ac = 0;
             av[ac] = "EVAL"; al[ac++] = 4;
@@ -252,25 +257,38 @@ main(int argc, char **argv)
             }
 
             av[ac] = nn[MAXREQ + 1]; al[ac++] = strlen(nn[MAXREQ + 1]);
+            av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
+            av[ac] = "0"; al[ac++] = 1;     /* no entries */
 
-            for (q = 0; q < m; q++) {
-                av[ac] = nn[q]; al[ac++] = strlen(nn[q]);
+            for (i = 0; i < 4 * n; i++) {
+                av[ac] = nums[i]; al[ac++] = strlen(nums[i]);
             }
 
-            av[ac] = "0"; al[ac++] = 1;     /* no refund entries */
+            /* a byte per request, its counters; per counter, its limit */
 
-            for (q = 0; q < m; q++) {
-                for (i = 0; i < 4 * nq[q]; i++) {
-                    av[ac] = nums[i]; al[ac++] = strlen(nums[i]);
+            for (q = 0, j = 0; q < m; q++) {
+                ns[q] = (char) nq[q];
+
+                for (i = 0; i < nq[q]; i++) {
+                    cs[j++] = (char) i;
                 }
             }
+
+            av[ac] = ns; al[ac++] = m;
+            av[ac] = cs; al[ac++] = j;
 
             av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
 
             r = redisCommandArgv(rc, ac, av, al);
 
+            /* counted: 2 results per counter, rejected: 4 */
+
+            for (q = 0, o = 1; q < m; q++) {
+                o += 1 + (rej[q] ? 4 : 2) * nq[q];
+            }
+
             if (r == NULL || r->type != REDIS_REPLY_ARRAY
-                || r->elements != (size_t) (1 + m + 4 * nkeys)
+                || r->elements != (size_t) o
                 || r->element[0]->integer != now)
             {
                 printf("bad reply: %s\n",
@@ -278,7 +296,7 @@ main(int argc, char **argv)
                 return 1;
             }
 
-            for (q = 0, o = 1; q < m; o += 1 + 4 * nq[q], q++) {
+            for (q = 0, o = 1; q < m; o += 1 + w * nq[q], q++) {
 
                 if (r->element[o]->integer != rej[q]) {
                     bad++;
@@ -286,6 +304,8 @@ main(int argc, char **argv)
                            "algo.c %d\n", it, k, q, m,
                            r->element[o]->integer, rej[q]);
                 }
+
+                w = rej[q] ? 4 : 2;
 
                 for (i = 0; i < nq[q]; i++) {
                     long long  v[4];
@@ -308,8 +328,15 @@ main(int argc, char **argv)
                     v[2] = out[q][i].reset;
                     v[3] = out[q][i].retry;
 
-                    for (j = 0; j < 4; j++) {
-                        if (r->element[o + 1 + 4 * i + j]->integer == v[j]) {
+                    /*
+                     * a counted request's counters: remaining and reset
+                     * (v[1], v[2]) only; a rejected one's: all four
+                     */
+
+                    for (j = (w == 4) ? 0 : 1; j <= ((w == 4) ? 3 : 2); j++) {
+                        e = r->element[o + 1 + w * i + j - (w == 4 ? 0 : 1)];
+
+                        if (e->integer == v[j]) {
                             continue;
                         }
 
@@ -320,7 +347,7 @@ main(int argc, char **argv)
                                it, k, q, m, i, (int) c[i].algorithm,
                                (unsigned long) c[i].count,
                                (unsigned long) c[i].period, j,
-                               r->element[o + 1 + 4 * i + j]->integer, v[j]);
+                               e->integer, v[j]);
                     }
                 }
             }
@@ -397,30 +424,38 @@ main(int argc, char **argv)
                 sprintf(nn[MAXREQ + 3], "%d", ne);
                 sprintf(nn[MAXREQ + 1], "%lld", (long long) now);
 
+                /* no request, nq[q] limits, ne entries (signed amounts) */
+
+                sprintf(nn[MAXREQ], "%d", nq[q]);
+
                 ac = 0;
                 av[ac] = "EVAL"; al[ac++] = 4;
                 av[ac] = script; al[ac++] = strlen(script);
                 av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
 
-                for (e = 0; e < ne; e++) {
-                    av[ac] = keys[ek[e]]; al[ac++] = strlen(keys[ek[e]]);
+                for (x = 0; x < ne; x++) {
+                    av[ac] = keys[ek[x]]; al[ac++] = strlen(keys[ek[x]]);
                 }
 
                 av[ac] = "0"; al[ac++] = 1;
+                av[ac] = nn[MAXREQ]; al[ac++] = strlen(nn[MAXREQ]);
                 av[ac] = nn[MAXREQ + 3]; al[ac++] = strlen(nn[MAXREQ + 3]);
 
-                for (e = 0; e < ne; e++) {
-                    i = ek[e];
-
-                    for (j = 0; j < 3; j++) {
+                for (i = 0; i < nq[q]; i++) {
+                    for (j = 0; j < 4; j++) {
                         av[ac] = nums[4 * i + j];
                         al[ac++] = strlen(nums[4 * i + j]);
                     }
-
-                    av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
-                    av[ac] = amounts[e]; al[ac++] = strlen(amounts[e]);
                 }
 
+                for (x = 0; x < ne; x++) {
+                    av[ac] = lim[ek[x]]; al[ac++] = strlen(lim[ek[x]]);
+                    av[ac] = amounts[x]; al[ac++] = strlen(amounts[x]);
+                    av[ac] = nn[MAXREQ + 2]; al[ac++] = strlen(nn[MAXREQ + 2]);
+                }
+
+                av[ac] = ""; al[ac++] = 0;      /* no request, no counter */
+                av[ac] = ""; al[ac++] = 0;
                 av[ac] = nn[MAXREQ + 1]; al[ac++] = strlen(nn[MAXREQ + 1]);
 
                 r = redisCommandArgv(rc, ac, av, al);

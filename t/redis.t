@@ -87,8 +87,9 @@ sub hdr_list {
 
     my @keys = $rd->keys;
     is(scalar(@keys), 3, 'three counters in Redis') or diag("@keys");
-    is(scalar(grep { /^tst:\{[0-9a-f]{32}\}:(3600000|86400000)$/ } @keys),
-       scalar(@keys), 'keys are PREFIX{hash}:PERIOD') or diag("@keys");
+    is(scalar(grep { /^tst:\{[0-9a-f]{32}\}:(3600000|86400000):s\d+$/ }
+              @keys),
+       scalar(@keys), 'keys are PREFIX{hash}:PERIOD:sWINDOW') or diag("@keys");
 
     my %tags;
     $tags{ (/\{(.*)\}/)[0] }++ for @keys;
@@ -96,7 +97,7 @@ sub hdr_list {
        'the two limits of one budget share a hash tag');
 
     my @values = map { $rd->cmd('GET', $_) } @keys;
-    ok((grep { /^0 \d+ 5 0$/ } @values), 'the query budget holds 5')
+    ok((grep { $_ eq '5' } @values), 'the query budget holds 5')
         or diag("@values");
 
     my @ttl = map { $rd->cmd('PTTL', $_) } @keys;

@@ -45,18 +45,18 @@ my $CONFIG = q{
 };
 
 
-# the token counter of a budget in Redis: CUR of "ALGORITHM T CUR PREV"
-# (sliding, fixed), or the TAT (gcra); waits until it is WANT
+# the token count of a budget's current window in Redis (sliding, fixed:
+# PREFIX{HASH}:PERIODt:sWINDOW or :fWINDOW, an integer; the highest WINDOW
+# is the current one); waits until it is WANT
 sub token_state {
     my ($want) = @_;
     my $end = time + 5 * $SLOW;
-    my $v;
 
     while (time < $end) {
-        my @k = grep { /t$/ } $rd->keys;
-        $v = @k == 1 ? $rd->cmd('GET', $k[0]) : undef;
-        my @f = split ' ', $v // '';
-        return $f[2] if defined $want && @f && $f[2] == $want;
+        my ($k) = sort { ($b =~ /(\d+)$/)[0] <=> ($a =~ /(\d+)$/)[0] }
+                  grep { /t:[fs]\d+$/ } $rd->keys;
+        my $v = defined $k ? $rd->cmd('GET', $k) : undef;
+        return $v if defined $want && defined $v && $v == $want;
         sleep 0.05;
     }
 

@@ -628,8 +628,8 @@ sub slurp {
 # conf.example as a harness configuration: the module built here, its
 # ports (8080, 8081, 8082, 8083, 8084, 8085) replaced by %%PORT%%,
 # %%BACKEND_PORT%%, %%PORT2%% to %%PORT5%% (new() makes the ports the
-# placeholders name), its
-# key directory read from the repository.
+# placeholders name), its key directory and usage page (ui/) read from the
+# repository.
 sub conf_example {
     my $text = slurp("$ROOT/conf.example") // croak "conf.example: $!";
 
@@ -644,6 +644,8 @@ sub conf_example {
     $text =~ s/127\.0\.0\.1:8085\b/127.0.0.1:%%PORT5%%/g;
     $text =~ s{^(\s*llmlimit_keys\s+)(keys\.example\.json)\b}
               {$1%%ROOT%%/$2}m;
+    # the usage page of this tree, not the package's
+    $text =~ s{^(\s*alias\s+)/usr/share/llmlimit/ui/;}{$1%%ROOT%%/ui/;}mg;
 
     return $text;
 }
