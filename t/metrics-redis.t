@@ -178,7 +178,8 @@ $rd->stop;
 # good replies
 
 {
-    my $good = "*6\r\n:1795426400000\r\n:0\r\n:0\r\n:2\r\n:1000\r\n:0\r\n";
+    # { Redis' time, status 0 (counted), remaining, reset }
+    my $good = "*4\r\n:1795426400000\r\n:0\r\n:2\r\n:1000\r\n";
     my $fake = LLMLimit::Redis::Fake->new(sub {
         my ($a) = @_;
         my $cmd = uc $a->[0];
