@@ -714,6 +714,14 @@ ngx_http_llmlimit_run(ngx_http_request_t *r,
             }
         }
 
+        /* the time of the decision, for usage accounting's buckets */
+
+        if (b->checked == 0) {
+            b->checked = ngx_http_llmlimit_now();
+        }
+
+        ctx->checked = b->checked;
+
         if (b->rc == NGX_BUSY) {
 
             /* the batches after it are not counted */

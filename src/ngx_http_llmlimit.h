@@ -203,6 +203,8 @@ struct ngx_http_llmlimit_batch_s {
                                                       nothing owed */
     int64_t                         time;          /* of the remote count */
     int64_t                         local_time;    /* of the local count */
+    int64_t                         checked;       /* when, ms, by this
+                                                      host's clock */
     unsigned                        local:1;       /* counted in shm */
     unsigned                        remote:1;      /* counted in Redis */
     unsigned                        kept:1;        /* the request passed */
@@ -455,6 +457,8 @@ typedef struct {
     ngx_uint_t                      status;        /* $llmlimit_status */
     ngx_uint_t                      waiting;       /* on a store */
     ngx_uint_t                      decided;
+    int64_t                         checked;       /* when, ms, by this
+                                                      host's clock */
 
     ngx_http_llmlimit_counter_t    *counters;
     ngx_uint_t                      ncounters;

@@ -132,6 +132,10 @@ ngx_http_llmlimit_shm_update(ngx_http_request_t *r,
     zone = b->zone;
     now = ngx_http_llmlimit_now();
     sec = (time_t) (now / 1000);
+
+    if (mode == NGX_HTTP_LLMLIMIT_SHM_CHECK) {
+        b->checked = now;
+    }
     rc = NGX_OK;
     evicted = 0;
     warn = 0;

@@ -57,7 +57,7 @@ static ngx_int_t ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
     ngx_http_llmlimit_usage_loc_conf_t *ulcf,
     ngx_http_llmlimit_usage_key_t *key);
 static void ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
-    ngx_http_llmlimit_usage_key_t *key, ngx_uint_t requests,
+    ngx_http_llmlimit_usage_key_t *key, time_t now, ngx_uint_t requests,
     ngx_uint_t rejected, uint64_t tokens);
 static ngx_http_llmlimit_usage_group_t *ngx_http_llmlimit_usage_group(
     ngx_http_llmlimit_usage_zone_t *uz, uint64_t hash[2], ngx_str_t *fields,
@@ -208,6 +208,7 @@ static ngx_str_t  ngx_http_llmlimit_usage_defaults[] = {
 static ngx_int_t
 ngx_http_llmlimit_usage_log_handler(ngx_http_request_t *r)
 {
+    int64_t                              now;
     uint64_t                             tokens;
     ngx_uint_t                           rejected;
     ngx_http_llmlimit_ctx_t             *lctx;
@@ -258,8 +259,16 @@ ngx_http_llmlimit_usage_log_handler(ngx_http_request_t *r)
         }
     }
 
-    ngx_http_llmlimit_usage_record(ulcf->zone, &key, !rejected, rejected,
-                                   tokens);
+    /*
+     * in the bucket of the time the limits were checked at (the windows
+     * they counted in), else of now; never the worker's cached time,
+     * which timer_resolution leaves up to its value behind
+     */
+
+    now = (lctx && lctx->checked) ? lctx->checked : ngx_http_llmlimit_now();
+
+    ngx_http_llmlimit_usage_record(ulcf->zone, &key, (time_t) (now / 1000),
+                                   !rejected, rejected, tokens);
 
     return NGX_OK;
 }
@@ -293,7 +302,10 @@ ngx_http_llmlimit_usage_add_tokens(ngx_http_request_t *r, uint64_t tokens)
             return NGX_ERROR;
         }
 
-        ngx_http_llmlimit_usage_record(ulcf->zone, &key, 0, 0, tokens);
+        ngx_http_llmlimit_usage_record(ulcf->zone, &key,
+                                       (time_t) (ngx_http_llmlimit_now()
+                                                 / 1000),
+                                       0, 0, tokens);
         return NGX_OK;
     }
 
@@ -378,15 +390,14 @@ ngx_http_llmlimit_usage_fields(ngx_http_request_t *r,
 
 static void
 ngx_http_llmlimit_usage_record(ngx_http_llmlimit_usage_zone_t *uz,
-    ngx_http_llmlimit_usage_key_t *key, ngx_uint_t requests,
+    ngx_http_llmlimit_usage_key_t *key, time_t now, ngx_uint_t requests,
     ngx_uint_t rejected, uint64_t tokens)
 {
-    time_t                             now, start, since;
+    time_t                             start, since;
     ngx_uint_t                         evicted, warn, nbuckets, ngroups;
     ngx_http_llmlimit_usage_group_t   *g;
     ngx_http_llmlimit_usage_bucket_t  *b, *b0;
 
-    now = ngx_time();
     start = now - now % uz->bucket;
     evicted = 0;
     warn = 0;
