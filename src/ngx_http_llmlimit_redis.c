@@ -311,6 +311,15 @@ static void ngx_http_llmlimit_redis_add_event(ngx_event_t *ev,
 static void ngx_http_llmlimit_redis_del_event(ngx_event_t *ev,
     ngx_int_t event);
 static void ngx_http_llmlimit_redis_free_connection(void *data);
+static void ngx_http_llmlimit_redis_guard(redisAsyncContext *ac);
+static void *ngx_http_llmlimit_redis_string(const redisReadTask *task,
+    char *str, size_t len);
+static void *ngx_http_llmlimit_redis_array(const redisReadTask *task,
+    int elements);
+static void *ngx_http_llmlimit_redis_integer(const redisReadTask *task,
+    long long value);
+static void *ngx_http_llmlimit_redis_nil(const redisReadTask *task);
+static ngx_uint_t ngx_http_llmlimit_redis_unasked(const redisReadTask *task);
 static ngx_int_t ngx_http_llmlimit_redis_start(ngx_cycle_t *cycle,
     ngx_http_llmlimit_redis_t *redis);
 
@@ -2087,6 +2096,143 @@ ngx_http_llmlimit_redis_del_event(ngx_event_t *ev, ngx_int_t event)
 
 
 /*
+ * hiredis aborts the process (assert()) on a reply that no command waits
+ * for, unless it is an error or the context is subscribed: a server that
+ * answers more than it was asked would take the worker down.  The reader
+ * of each hooked context builds its replies through these wrappers of
+ * hiredis' own functions; a top-level reply with no callback waiting is
+ * refused, which fails the read and drops the connection, with "reason"
+ * for the log.
+ */
+
+static redisReplyObjectFunctions   ngx_http_llmlimit_redis_fns;
+static redisReplyObjectFunctions  *ngx_http_llmlimit_redis_hiredis_fns;
+static redisAsyncContext          *ngx_http_llmlimit_redis_refused;
+
+
+static void
+ngx_http_llmlimit_redis_guard(redisAsyncContext *ac)
+{
+    redisReader  *r;
+
+    r = ac->c.reader;
+
+    if (r == NULL || r->fn == NULL) {
+        return;
+    }
+
+    if (ngx_http_llmlimit_redis_hiredis_fns == NULL) {
+        ngx_http_llmlimit_redis_hiredis_fns = r->fn;
+
+        ngx_http_llmlimit_redis_fns = *r->fn;
+        ngx_http_llmlimit_redis_fns.createString =
+                                           ngx_http_llmlimit_redis_string;
+        ngx_http_llmlimit_redis_fns.createArray =
+                                           ngx_http_llmlimit_redis_array;
+        ngx_http_llmlimit_redis_fns.createInteger =
+                                           ngx_http_llmlimit_redis_integer;
+        ngx_http_llmlimit_redis_fns.createNil = ngx_http_llmlimit_redis_nil;
+    }
+
+    if (r->fn != ngx_http_llmlimit_redis_hiredis_fns) {
+        /* not hiredis' own functions: left alone */
+        return;
+    }
+
+    r->fn = &ngx_http_llmlimit_redis_fns;
+    r->privdata = ac;
+}
+
+
+static ngx_uint_t
+ngx_http_llmlimit_redis_unasked(const redisReadTask *task)
+{
+    redisAsyncContext  *ac;
+
+    if (task->parent != NULL) {
+        return 0;
+    }
+
+    ac = task->privdata;
+
+    if (ac == NULL
+        || ac->replies.head != NULL
+        || (ac->c.flags & (REDIS_SUBSCRIBED|REDIS_MONITORING)))
+    {
+        return 0;
+    }
+
+    ngx_http_llmlimit_redis_refused = ac;
+
+    return 1;
+}
+
+
+static void *
+ngx_http_llmlimit_redis_string(const redisReadTask *task, char *str,
+    size_t len)
+{
+    if (task->type != REDIS_REPLY_ERROR
+        && ngx_http_llmlimit_redis_unasked(task))
+    {
+        return NULL;
+    }
+
+    return ngx_http_llmlimit_redis_hiredis_fns->createString(task, str, len);
+}
+
+
+static void *
+ngx_http_llmlimit_redis_array(const redisReadTask *task, int elements)
+{
+    if (ngx_http_llmlimit_redis_unasked(task)) {
+        return NULL;
+    }
+
+    return ngx_http_llmlimit_redis_hiredis_fns->createArray(task, elements);
+}
+
+
+static void *
+ngx_http_llmlimit_redis_integer(const redisReadTask *task, long long value)
+{
+    if (ngx_http_llmlimit_redis_unasked(task)) {
+        return NULL;
+    }
+
+    return ngx_http_llmlimit_redis_hiredis_fns->createInteger(task, value);
+}
+
+
+static void *
+ngx_http_llmlimit_redis_nil(const redisReadTask *task)
+{
+    if (ngx_http_llmlimit_redis_unasked(task)) {
+        return NULL;
+    }
+
+    return ngx_http_llmlimit_redis_hiredis_fns->createNil(task);
+}
+
+
+/*
+ * Why a hooked context was dropped, for the log: hiredis says "Out of
+ * memory" when the guard above refused a reply.
+ */
+
+const char *
+ngx_http_llmlimit_redis_reason(redisAsyncContext *ac)
+{
+    if (ngx_http_llmlimit_redis_refused == ac) {
+        ngx_http_llmlimit_redis_refused = NULL;
+        return "a reply no command waits for";
+    }
+
+    return ac->err ? ac->errstr : "connection closed";
+}
+
+
+/*
  * A hiredis context in nginx's event loop: one ngx_connection_t on its
  * socket, with the read and write handlers given and "cleanup" called
  * when hiredis frees the context (which must then call unhook()).  Also
@@ -2124,6 +2270,8 @@ ngx_http_llmlimit_redis_hook(redisAsyncContext *ac, ngx_log_t *log,
     ac->ev.delWrite = ngx_http_llmlimit_redis_del_write;
     ac->ev.cleanup = cleanup;
 
+    ngx_http_llmlimit_redis_guard(ac);
+
     return c;
 }
 
@@ -2151,14 +2299,10 @@ ngx_http_llmlimit_redis_free_connection(void *data)
         return;
     }
 
+    reason = ngx_http_llmlimit_redis_reason(ac);
+
     if (redis->reason[0]) {
         reason = (const char *) redis->reason;
-
-    } else if (ac->err) {
-        reason = ac->errstr;
-
-    } else {
-        reason = "connection closed";
     }
 
     ngx_http_llmlimit_redis_gone(redis, reason);

@@ -1227,8 +1227,7 @@ ngx_http_llmlimit_redis_addr_cleanup(void *data)
 
     link->ac = NULL;
 
-    ngx_cpystrn(reason, (u_char *) (ac->err ? ac->errstr
-                                            : "connection closed"),
+    ngx_cpystrn(reason, (u_char *) ngx_http_llmlimit_redis_reason(ac),
                 sizeof(reason));
 
     link->gone(link->addr, (const char *) reason);

@@ -59,6 +59,7 @@ void ngx_http_llmlimit_redis_moved(ngx_http_llmlimit_redis_t *redis,
 ngx_connection_t *ngx_http_llmlimit_redis_hook(redisAsyncContext *ac,
     ngx_log_t *log, ngx_event_handler_pt read, ngx_event_handler_pt write,
     void (*cleanup)(void *data));
+const char *ngx_http_llmlimit_redis_reason(redisAsyncContext *ac);
 void ngx_http_llmlimit_redis_unhook(redisAsyncContext *ac,
     ngx_connection_t *c);
 void ngx_http_llmlimit_redis_read(ngx_event_t *rev,

@@ -305,6 +305,52 @@ sub count_re {
 
 
 # ---------------------------------------------------------------------------
+# a server that answers more than it was asked: a reply no command waits for
+# drops the connection (hiredis would abort the worker on it)
+
+{
+    my $now = ":1795426400000\r\n";
+    my $fake = LLMLimit::Redis::Fake->new(sub {
+        my ($a) = @_;
+        my $cmd = uc $a->[0];
+
+        return "\$40\r\n" . sha1_hex($a->[2]) . "\r\n" if $cmd eq 'SCRIPT';
+
+        # a good answer, then one more
+        return "*4\r\n$now:0\r\n:2\r\n:1000\r\n" . "+OK\r\n";
+    });
+
+    my $t = LLMLimit::Test->new(name => 'unsolicited replies',
+                                http => three_zones($fake->addr, $TMO),
+                                config => $SERVER)->start;
+    my $c = $t->conn;
+
+    my @pids = $t->workers;
+
+    for my $round (1 .. 3) {
+        my ($st) = run($c, 'GET /o', 2, uid());
+        is($st, '200 200', "open: round $round answered");
+        select(undef, undef, undef, 0.3);
+    }
+
+    my ($st, $x) = run($c, 'GET /l', 4, uid());
+    is($x, 'PASSED PASSED PASSED REJECTED', 'local: shared memory');
+
+    sleep 1.5;    # reconnects, and is answered too much again
+
+    my $log = $t->error_log;
+    like($log, qr/zone "o": redis \S+ lost: a reply no command waits for/,
+         'the reply is logged') or diag($log);
+    is_deeply([ $t->workers ], \@pids, 'no worker crashed');
+    unlike($log, qr/exited on signal/, 'no worker exited on a signal')
+        or diag($log);
+
+    $t->stop;
+    $fake->stop;
+}
+
+
+# ---------------------------------------------------------------------------
 # replies of the wrong type or shape; NOSCRIPT from a server that does not
 # keep scripts
 
