@@ -79,6 +79,7 @@ typedef struct {
  */
 typedef struct {
     ngx_http_request_t                *r;
+    ngx_pool_cleanup_t                *cln;        /* in r's pool */
     ngx_http_llmlimit_usage_query_t   *q;
     ngx_http_llmlimit_usage_zone_t    *uz;
     ngx_event_t                        timer;
@@ -514,6 +515,7 @@ ngx_http_llmlimit_usage_redis_query(ngx_http_request_t *r,
 
     cln->handler = ngx_http_llmlimit_usage_read_cleanup;
     cln->data = rd;
+    rd->cln = cln;
 
     rd->timer.handler = ngx_http_llmlimit_usage_read_timeout;
     rd->timer.data = rd;
@@ -843,6 +845,7 @@ ngx_http_llmlimit_usage_read_done(ngx_http_llmlimit_usage_read_t *rd)
 
     /* the request's cleanup must not touch rd any more */
     rd->r = NULL;
+    rd->cln->handler = NULL;
 
     if (rd->timer.timer_set) {
         ngx_del_timer(&rd->timer);
@@ -860,6 +863,8 @@ ngx_http_llmlimit_usage_read_done(ngx_http_llmlimit_usage_read_t *rd)
         rc = ngx_http_llmlimit_usage_answer(r, rd->q);
     }
 
+    ngx_free(rd);
+
     ngx_http_finalize_request(r, rc);
 }
 
@@ -871,8 +876,11 @@ ngx_http_llmlimit_usage_read_timeout(ngx_event_t *ev)
 
     ngx_http_request_t  *r;
 
+    /* the replies still to come free rd: the request's cleanup lets it be */
+
     r = rd->r;
     rd->r = NULL;
+    rd->cln->handler = NULL;
 
     ngx_http_finalize_request(r,
              ngx_http_llmlimit_usage_fail(r, NGX_HTTP_SERVICE_UNAVAILABLE,

@@ -239,6 +239,42 @@ $_->stop for @t;
     $t->stop;
 }
 
+# an API request read from Redis frees what it read with: many of them, over
+# the widest range, and the workers' memory stays put
+
+{
+    my $t = instance();
+    traffic($t, k1 => 1);
+    sleep(1.5);
+
+    my $wide = 'start_time=1970-01-01&end_time=9999-12-31&group_by=api_key';
+
+    my $ask = sub {
+        my $n = 0;
+        for (1 .. $_[0]) {
+            $n++ if $t->req("GET /usage/?$wide")->status == 200;
+        }
+        return $n;
+    };
+
+    my $rss = sub {
+        my $kb = 0;
+        for my $pid ($t->workers) {
+            open my $fh, '<', "/proc/$pid/status" or next;
+            while (<$fh>) { $kb += $1 if /^VmRSS:\s+(\d+)/ }
+        }
+        return $kb;
+    };
+
+    $ask->(100);
+    my $before = $rss->();
+    is($ask->(1000), 1000, 'a thousand wide reads answered');
+    my $grew = $rss->() - $before;
+    diag("workers' RSS grew by $grew KiB over 1000 reads");
+    cmp_ok($grew, '<', 2048, 'the reads freed their memory');
+    $t->stop;
+}
+
 $rd->stop;
 
 done_testing();
