@@ -2115,6 +2115,11 @@ ngx_http_llmlimit_redis_guard(redisAsyncContext *ac)
 {
     redisReader  *r;
 
+    if (ngx_http_llmlimit_redis_refused == ac) {
+        /* a context freed without its reason asked, at the same address */
+        ngx_http_llmlimit_redis_refused = NULL;
+    }
+
     r = ac->c.reader;
 
     if (r == NULL || r->fn == NULL) {
