@@ -266,12 +266,22 @@ $_->stop for @t;
         return $kb;
     };
 
+    # under ASan (freed memory held in quarantine) or valgrind the RSS says
+    # nothing: there LeakSanitizer and memcheck report a leak at exit
+    my $tooled = $ENV{ASAN_OPTIONS} || LLMLimit::Test::valgrind();
+    my $n = $tooled ? 100 : 1000;
+
     $ask->(100);
     my $before = $rss->();
-    is($ask->(1000), 1000, 'a thousand wide reads answered');
+    is($ask->($n), $n, "$n wide reads answered");
     my $grew = $rss->() - $before;
-    diag("workers' RSS grew by $grew KiB over 1000 reads");
-    cmp_ok($grew, '<', 2048, 'the reads freed their memory');
+
+    SKIP: {
+        skip 'RSS is not the measure under ASan or valgrind', 1 if $tooled;
+        diag("workers' RSS grew by $grew KiB over $n reads");
+        cmp_ok($grew, '<', 2048, 'the reads freed their memory');
+    }
+
     $t->stop;
 }
 
